@@ -1,0 +1,328 @@
+"""The Cluster-aware Generative Model (CaGeM) as a Keras model with a custom train step.
+
+Generative model  p(x,y,z1,z2) = p(x|y,z1) p(z1|y,z2) p(y|z2) p(z2):
+  p(z2) = N(0, I)            p(y|z2) = Cat(pi(z2))
+  p(z1|y,z2) = N(mu, sigma)  p(x|y,z1) = Bernoulli(logits)
+Inference model   q(y,z1,z2|x) = q(z2|x,y,z1) q(y|z1,x) q(z1|x):
+  q(z1|x) = N                q(y|z1,x) = Cat            q(z2|x,y,z1) = N (x: skip connection)
+
+Layout of enumerated tensors: y (K clusters) first, then samples (S), then examples (B). The sum
+over y is done by feeding the K one-hot vectors, shaped [K,1,1,K], alongside z1 [S,B,d1] and
+x [B,D]; the networks broadcast them to [K,S,B,...]. With K = 1 the model is a two-layer VAE.
+"""
+
+from collections.abc import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from cagem_tf import objective
+from cagem_tf.networks import BernoulliNet, CategoricalNet, GaussianNet
+
+tfd = tfp.distributions
+
+METRIC_NAMES = ("loss", "elbo", "log_px", "kl_z1", "kl_z2", "kl_y",
+                "h_p", "h_q", "accuracy_p", "accuracy_q", "alpha")
+
+
+def _widths(hidden) -> tuple[int, ...]:
+    """An int w means two hidden layers of w units; a sequence gives the widths in order."""
+    if isinstance(hidden, (int, np.integer)):
+        return (int(hidden), int(hidden))
+    return tuple(int(h) for h in hidden)
+
+
+class CaGeM(keras.Model):
+    """CaGeM over images of `image_shape`, flattened to D pixels, with K = `num_clusters`.
+
+    Args:
+      image_shape: shape of one image, e.g. (28, 28, 1).
+      num_clusters: K, the number of values of y (the number of classes when labels are used).
+      z1_dim, z2_dim: sizes of the Gaussian layers.
+      hidden_lower: hidden widths of the networks touching x: q(z1|x), q(y|z1,x), p(x|y,z1).
+      hidden_upper: hidden widths of q(z2|x,y,z1), p(z1|y,z2), p(y|z2).
+      skip_connection: whether q(z2|x,y,z1) sees x.
+      num_samples: samples of z1 (and of z2 per y) in the training ELBO.
+      classifier_samples: samples used by the classifiers in `test_step`.
+      seed: seed of the model's random stream (sampling in training and evaluation).
+    """
+
+    def __init__(self, image_shape: Sequence[int] = (28, 28, 1), num_clusters: int = 10,
+                 z1_dim: int = 64, z2_dim: int = 32, hidden_lower=(1024, 1024),
+                 hidden_upper=(512, 512), skip_connection: bool = True, num_samples: int = 1,
+                 classifier_samples: int = 10, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.image_shape = tuple(int(d) for d in image_shape)
+        self.data_dim = int(np.prod(self.image_shape))
+        if num_clusters < 1 or z1_dim < 1 or z2_dim < 1 or num_samples < 1:
+            raise ValueError("num_clusters, z1_dim, z2_dim and num_samples must be >= 1")
+        self.num_clusters = int(num_clusters)
+        self.z1_dim, self.z2_dim = int(z1_dim), int(z2_dim)
+        self.hidden_lower, self.hidden_upper = _widths(hidden_lower), _widths(hidden_upper)
+        self.skip_connection = bool(skip_connection)
+        self.num_samples = int(num_samples)
+        self.classifier_samples = int(classifier_samples)
+        self.seed = seed
+        K, lower, upper = self.num_clusters, self.hidden_lower, self.hidden_upper
+
+        # Inference model q(y,z1,z2|x); input order as in the docstrings of each method.
+        self.q_z1 = GaussianNet(z1_dim, lower, num_inputs=1, name="q_z1")               # x
+        self.q_y = CategoricalNet(K, lower, num_inputs=2, name="q_y")                   # z1, x
+        self.q_z2 = GaussianNet(z2_dim, upper, num_inputs=3 if skip_connection else 2,
+                                name="q_z2")                                            # y, z1, x
+        # Generative model p(x,y,z1,z2).
+        self.p_y = CategoricalNet(K, upper, num_inputs=1, name="p_y")                   # z2
+        self.p_z1 = GaussianNet(z1_dim, upper, num_inputs=2, name="p_z1")               # y, z2
+        self.p_x = BernoulliNet(self.data_dim, lower, num_inputs=2, name="p_x")         # y, z1
+
+        self.temperature = self.add_weight(shape=(), initializer="ones", trainable=False,
+                                           name="temperature")
+        self.seed_generator = keras.random.SeedGenerator(seed, name="seed_generator")
+        self.alpha = 0.0
+        self.trackers = {}
+        # Build every variable now, so that compile, checkpoints and exports see them all.
+        self.latent_terms(tf.zeros([1, self.data_dim]), num_samples=1, seed=tf.constant([0, 0]))
+        self.sample(1, seed=tf.constant([0, 0]))
+
+    # ----------------------------------------------------------------------------------------
+    # Distributions
+    @property
+    def p_z2(self):
+        """p(z2) = N(0, I): batch [], event [z2_dim]."""
+        return tfd.MultivariateNormalDiag(loc=tf.zeros([self.z2_dim]))
+
+    @property
+    def classifier_variables(self):
+        """theta_y and phi_y: the variables of p(y|z2) and q(y|z1,x), the only ones the labelled
+        cross-entropies train."""
+        return self.p_y.trainable_variables + self.q_y.trainable_variables
+
+    def flatten(self, x):
+        """[B, *image_shape] or [B, D] -> float32 [B, D]."""
+        return tf.reshape(tf.cast(x, tf.float32), [-1, self.data_dim])
+
+    def clusters(self, sample_ndims: int):
+        """The K one-hot values of y, shaped [K, 1 (x sample_ndims), K] for broadcasting."""
+        return tf.reshape(tf.eye(self.num_clusters), [self.num_clusters]
+                          + [1] * sample_ndims + [self.num_clusters])
+
+    def _seed(self, seed):
+        """A stateless TFP seed: the one given, or the next of the model's stream."""
+        if seed is None:
+            seed = self.seed_generator.next()
+        return tf.cast(seed, tf.int32)
+
+    def _q_z2_inputs(self, y, z1, x):
+        return [y, z1, x] if self.skip_connection else [y, z1]
+
+    # ----------------------------------------------------------------------------------------
+    # Enumerated terms, the ELBO and the importance-weighted bound
+    def latent_terms(self, x, num_samples: int | None = None, seed=None, training=False,
+                     collect=True):
+        """Log-densities of one draw z1 ~ q(z1|x) [S,B,d1] and z2^y ~ q(z2|x,y,z1) for all y.
+
+        Returns the dict described in `cagem_tf.objective` (shapes [S,B], [S,B,K], [K,S,B]).
+        """
+        x = self.flatten(x)
+        S = self.num_samples if num_samples is None else num_samples
+        seed_z1, seed_z2 = tfp.random.split_seed(self._seed(seed), n=2)
+        q_z1 = self.q_z1.distribution([x], training=training, collect=collect)  # batch [B]
+        z1 = q_z1.sample(S, seed=seed_z1)                                         # [S,B,d1]
+        q_y_logits = self.q_y([z1, x], training=training, collect=collect)       # [S,B,K]
+        y = self.clusters(2)                                                      # [K,1,1,K]
+        q_z2 = self.q_z2.distribution(self._q_z2_inputs(y, z1, x), training=training,
+                                      collect=collect)                            # batch [K,S,B]
+        z2 = q_z2.sample(seed=seed_z2)                                            # [K,S,B,d2]
+        p_y = self.p_y.distribution([z2], training=training, collect=collect)   # batch [K,S,B]
+        p_z1 = self.p_z1.distribution([y, z2], training=training, collect=collect)
+        p_x = self.p_x.distribution([y, z1], training=training, collect=collect)  # [K,S,B]
+        return {
+            "z1": z1,
+            "z2": z2,
+            "log_q_z1": q_z1.log_prob(z1),
+            "q_y_logits": q_y_logits,
+            "log_q_z2": q_z2.log_prob(z2),
+            "kl_z2": tfd.kl_divergence(q_z2, self.p_z2),
+            "log_p_z2": self.p_z2.log_prob(z2),
+            "log_p_y": p_y.log_prob(tf.range(self.num_clusters)[:, None, None]),
+            "log_p_z1": p_z1.log_prob(z1),
+            "log_p_x": p_x.log_prob(x),
+        }
+
+    def elbo(self, x, num_samples: int | None = None, seed=None, training=False):
+        """The ELBO and its parts per example, each [B] (see `objective.elbo`)."""
+        terms = self.latent_terms(x, num_samples, seed, training=training)
+        return objective.elbo(terms, self.temperature)
+
+    def iw_bound(self, x, num_samples: int = 5000, chunk_size: int = 100, seed=None):
+        """log p_S(x) = log (1/S) sum_s w_s per example [B], the importance-weighted bound.
+
+        Chunks of `chunk_size` samples are accumulated with logsumexp in a fixed-shape running
+        value (samples past S in the last chunk are masked), so memory is set by the chunk and the
+        loop compiles under tf.function.
+        """
+        x = self.flatten(x)
+        chunk_size = int(min(chunk_size, num_samples))
+        num_chunks = -(-int(num_samples) // chunk_size)
+        seed = self._seed(seed)
+
+        def body(i, acc):
+            terms = self.latent_terms(
+                x, chunk_size, tf.random.experimental.stateless_fold_in(seed, i))
+            log_w = objective.iw_log_weights(terms)                              # [C,B]
+            index = i * chunk_size + tf.range(chunk_size)
+            log_w = tf.where((index < num_samples)[:, None], log_w, -np.inf)
+            return i + 1, tf.reduce_logsumexp(tf.stack([acc, tf.reduce_logsumexp(log_w, 0)]), 0)
+
+        acc = tf.fill([tf.shape(x)[0]], tf.constant(-np.inf, tf.float32))
+        _, acc = tf.while_loop(lambda i, _: i < num_chunks, body, (tf.constant(0), acc))
+        return acc - tf.math.log(tf.cast(num_samples, tf.float32))
+
+    # ----------------------------------------------------------------------------------------
+    # Classifiers
+    def class_log_probs(self, x, num_samples: int | None = None, seed=None, training=False,
+                        collect=True):
+        """Monte Carlo log q(y|x) and log p(y|x), each [B,K].
+
+        q(y|x) = E_q(z1|x)[q(y|z1,x)];  p(y|x) ~ E_q(z1|x)[sum_c q(c|z1,x) p(y|z2^c)] with
+        z2^c ~ q(z2|x,c,z1): the cascade classifier. Averages over S samples of z1.
+        """
+        x = self.flatten(x)
+        S = self.classifier_samples if num_samples is None else num_samples
+        seed_z1, seed_z2 = tfp.random.split_seed(self._seed(seed), n=2)
+        z1 = self.q_z1.distribution([x], training=training, collect=collect).sample(
+            S, seed=seed_z1)                                                     # [S,B,d1]
+        log_q_c = tf.nn.log_softmax(self.q_y([z1, x], training=training, collect=collect))
+        z2 = self.q_z2.distribution(self._q_z2_inputs(self.clusters(2), z1, x),
+                                    training=training, collect=collect).sample(seed=seed_z2)
+        log_p_y = tf.nn.log_softmax(self.p_y([z2], training=training, collect=collect))
+        log_q_c_first = tf.transpose(log_q_c, [2, 0, 1])[..., None]             # [K(c),S,B,1]
+        log_p_cascade = tf.reduce_logsumexp(log_q_c_first + log_p_y, axis=0)    # [S,B,K]
+        return objective.log_mean_exp(log_q_c), objective.log_mean_exp(log_p_cascade)
+
+    def classify(self, x, num_samples: int | None = None, seed=None):
+        """(p(y|x), q(y|x)) as probabilities [B,K]."""
+        log_q, log_p = self.class_log_probs(x, num_samples, seed)
+        return tf.exp(log_p), tf.exp(log_q)
+
+    # ----------------------------------------------------------------------------------------
+    # Generation and encoding
+    def sample(self, num_samples: int, y=None, seed=None, z2=None):
+        """Ancestral samples: z2 ~ p(z2), y ~ p(y|z2) (or the given int y [N]), z1 ~ p(z1|y,z2).
+
+        Returns (probs [N, *image_shape] Bernoulli means of p(x|y,z1), y [N] int32).
+        """
+        seed_z2, seed_y, seed_z1 = tfp.random.split_seed(self._seed(seed), n=3)
+        if z2 is None:
+            z2 = self.p_z2.sample(num_samples, seed=seed_z2)                     # [N,d2]
+        if y is None:
+            y = self.p_y.distribution([z2]).sample(seed=seed_y)
+        y = tf.cast(y, tf.int32)
+        y_one_hot = tf.one_hot(y, self.num_clusters)
+        z1 = self.p_z1.distribution([y_one_hot, z2]).sample(seed=seed_z1)
+        probs = tf.sigmoid(self.p_x([y_one_hot, z1]))
+        return tf.reshape(probs, [-1, *self.image_shape]), y
+
+    def encode(self, x):
+        """Means of q(z1|x) [B,d1] and of q(z2|x) = sum_y q(y|z1,x) q(z2|x,y,z1) [B,d2], taken at
+        the mean of z1."""
+        x = self.flatten(x)
+        z1, _ = self.q_z1([x])
+        q_y = tf.nn.softmax(self.q_y([z1, x]))                                   # [B,K]
+        z2_loc, _ = self.q_z2(self._q_z2_inputs(self.clusters(1), z1, x))        # [K,B,d2]
+        return z1, tf.einsum("bk,kbd->bd", q_y, z2_loc)
+
+    def reconstruct(self, x):
+        """Bernoulli means of p(x|z1) = sum_y q(y|z1,x) p(x|y,z1) at the mean of q(z1|x)."""
+        x = self.flatten(x)
+        z1, _ = self.q_z1([x])
+        q_y = tf.nn.softmax(self.q_y([z1, x]))
+        probs = tf.sigmoid(self.p_x([self.clusters(1), z1]))                     # [K,B,D]
+        return tf.reshape(tf.einsum("bk,kbd->bd", q_y, probs), [-1, *self.image_shape])
+
+    def call(self, x, training=False):
+        """The ELBO per example [B]."""
+        return self.elbo(x, training=training)["elbo"]
+
+    # ----------------------------------------------------------------------------------------
+    # Training
+    def compile(self, optimizer="adam", alpha: float = 0.0, **kwargs):
+        """alpha weighs the labelled cross-entropies: see `objective.alpha`."""
+        super().compile(optimizer=optimizer, **kwargs)
+        self.alpha = float(alpha)
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in METRIC_NAMES}
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values())
+
+    def _update(self, values):
+        for name, value in values.items():
+            self.trackers[name].update_state(value)
+        return {name: self.trackers[name].result() for name in values}
+
+    def _labelled_terms(self, x, y, seed, training, collect):
+        log_q, log_p = self.class_log_probs(x, self.num_samples if training else None, seed,
+                                            training=training, collect=collect)
+        y = tf.cast(y, tf.int32)
+        accuracy = lambda lp: tf.reduce_mean(tf.cast(tf.argmax(lp, -1, tf.int32) == y, tf.float32))
+        return {"h_p": objective.cross_entropy(log_p, y), "h_q": objective.cross_entropy(log_q, y),
+                "accuracy_p": accuracy(log_p), "accuracy_q": accuracy(log_q)}
+
+    def train_step(self, data):
+        """One step on J = mean ELBO(x_u) - alpha (H_p + H_q)(x_l, y_l).
+
+        `data` is {"x": unlabelled batch} plus, when labels are used, "x_labelled" and
+        "y_labelled". The ELBO trains every variable; the cross-entropies only
+        `classifier_variables` (the tape takes their gradients with respect to those alone).
+        The labelled pass normalises with batch moments but does not collect BN statistics.
+        """
+        seed_u, seed_l = tfp.random.split_seed(self._seed(None), n=2)
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        labelled = "x_labelled" in data and self.alpha > 0
+        with tf.GradientTape(persistent=labelled) as tape:
+            parts = self.elbo(data["x"], seed=seed_u, training=True)
+            loss = -tf.reduce_mean(parts["objective"])
+            scaled_loss = loss / replicas  # replicas' gradients are summed
+            if labelled:
+                ce = self._labelled_terms(data["x_labelled"], data["y_labelled"], seed_l,
+                                          training=True, collect=False)
+                ce_loss = self.alpha * (ce["h_p"] + ce["h_q"])
+                scaled_ce_loss = ce_loss / replicas
+        variables = self.trainable_variables
+        grads = tape.gradient(scaled_loss, variables)
+        values = {name: tf.reduce_mean(parts[name])
+                  for name in ("elbo", "log_px", "kl_z1", "kl_z2", "kl_y")}
+        if labelled:
+            index = {id(v): i for i, v in enumerate(variables)}
+            restricted = self.classifier_variables
+            ce_grads = tape.gradient(scaled_ce_loss, restricted)
+            for v, g in zip(restricted, ce_grads):
+                if g is not None:
+                    grads[index[id(v)]] = grads[index[id(v)]] + g
+            del tape
+            values.update(ce)
+            values["alpha"] = self.alpha
+            loss = loss + ce_loss
+        self.optimizer.apply(grads, variables)
+        values["loss"] = loss
+        return self._update(values)
+
+    def test_step(self, data):
+        """ELBO terms (temperature 1) on {"x"}; classifier accuracies when "y" is given."""
+        parts = self.elbo(data["x"], training=False)
+        values = {name: tf.reduce_mean(parts[name])
+                  for name in ("elbo", "log_px", "kl_z1", "kl_z2", "kl_y")}
+        values["loss"] = -values["elbo"]
+        if "y" in data:
+            values.update(self._labelled_terms(data["x"], data["y"], None, False, True))
+        return self._update(values)
+
+    def get_config(self):
+        return {"image_shape": self.image_shape, "num_clusters": self.num_clusters,
+                "z1_dim": self.z1_dim, "z2_dim": self.z2_dim, "hidden_lower": self.hidden_lower,
+                "hidden_upper": self.hidden_upper, "skip_connection": self.skip_connection,
+                "num_samples": self.num_samples, "classifier_samples": self.classifier_samples,
+                "seed": self.seed, "name": self.name}

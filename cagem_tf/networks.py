@@ -1,0 +1,123 @@
+"""The conditional networks of CaGeM: each maps its inputs to one TFP distribution.
+
+Every network is `NN(inputs) -> Linear heads`, with NN two (or more) Dense layers, each followed
+by batch normalization and ReLU. A network with several inputs projects each input with its own
+Dense layer and sums the projections before the first normalization, so that inputs with different
+leading (sample or enumeration) shapes are projected once at their own shape and only broadcast
+afterwards: x is projected once per example, a one-hot y once per cluster.
+
+`call` returns plain tensors (a SavedModel cannot carry TFP distributions); `distribution` wraps
+them in the `tfd` distribution named in each class.
+"""
+
+from collections.abc import Sequence
+
+import keras
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+tfd = tfp.distributions
+
+
+class BatchNorm(keras.layers.BatchNormalization):
+    """Batch normalization whose moving statistics can be left untouched in training mode.
+
+    `training=True, collect=False` normalises with the moments of the batch, as in training, but
+    does not update `moving_mean` / `moving_variance`. CaGeM collects statistics only in the
+    unlabelled pass; the labelled pass uses this mode.
+    """
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        # Any rank: the enumeration over y and the sample dims add leading axes.
+        self.input_spec = keras.InputSpec(min_ndim=2, axes={-1: input_shape[-1]})
+
+    def call(self, inputs, training=None, mask=None, collect=True):
+        if training and self.trainable and not collect:
+            mean, variance = self._moments(inputs, mask)
+            return keras.ops.batch_normalization(
+                inputs, mean, variance, axis=self.axis, offset=self.beta,
+                scale=self.gamma, epsilon=self.epsilon)
+        return super().call(inputs, training=training, mask=mask)
+
+
+class Conditional(keras.Model):
+    """h = ReLU(BN(sum_i W_i u_i)), then h = ReLU(BN(W h)) per further width; linear heads.
+
+    Inputs are tensors [..., d_i] whose leading shapes broadcast against each other; the output
+    heads have the broadcast leading shape.
+    """
+
+    def __init__(self, num_inputs: int, hidden: Sequence[int], head_units: dict[str, int],
+                 bn_momentum: float = 0.9, **kwargs):
+        super().__init__(**kwargs)
+        hidden = tuple(int(h) for h in hidden)
+        if not hidden or min(hidden) <= 0:
+            raise ValueError(f"hidden widths must be positive integers, got {hidden}")
+        self.num_inputs = num_inputs
+        # No biases before batch normalization: its offset makes them redundant.
+        self.projections = [keras.layers.Dense(hidden[0], use_bias=False, name=f"input_{i}")
+                            for i in range(num_inputs)]
+        self.hidden_layers = [keras.layers.Dense(w, use_bias=False, name=f"hidden_{i + 1}")
+                              for i, w in enumerate(hidden[1:])]
+        self.norms = [BatchNorm(momentum=bn_momentum, name=f"bn_{i}") for i in range(len(hidden))]
+        self.head_names = tuple(head_units)
+        self.heads = [keras.layers.Dense(units, name=name) for name, units in head_units.items()]
+
+    def call(self, inputs, training=None, collect=True):
+        if len(inputs) != self.num_inputs:
+            raise ValueError(f"{self.name} takes {self.num_inputs} inputs, got {len(inputs)}")
+        h = self.projections[0](inputs[0])
+        for projection, u in zip(self.projections[1:], inputs[1:]):
+            h = h + projection(u)
+        h = tf.nn.relu(self.norms[0](h, training=training, collect=collect))
+        for dense, norm in zip(self.hidden_layers, self.norms[1:]):
+            h = tf.nn.relu(norm(dense(h), training=training, collect=collect))
+        outputs = tuple(head(h) for head in self.heads)
+        return outputs if len(outputs) > 1 else outputs[0]
+
+
+class GaussianNet(Conditional):
+    """Diagonal Gaussian N(z; mu(u), diag(sigma(u)^2)), with mu and log sigma linear heads.
+
+    `call` -> (loc, log_scale), each [..., dim]. `distribution` -> MultivariateNormalDiag with
+    batch shape [...] (the broadcast leading shape of the inputs) and event shape [dim].
+    """
+
+    def __init__(self, dim: int, hidden: Sequence[int], num_inputs: int, **kwargs):
+        super().__init__(num_inputs, hidden, {"loc": dim, "log_scale": dim}, **kwargs)
+        self.dim = dim
+
+    def distribution(self, inputs, training=None, collect=True):
+        loc, log_scale = self(inputs, training=training, collect=collect)
+        return tfd.MultivariateNormalDiag(loc=loc, scale_diag=tf.exp(log_scale))
+
+
+class CategoricalNet(Conditional):
+    """Cat(y; softmax(logits(u))) over K clusters.
+
+    `call` -> logits [..., K]. `distribution` -> Categorical, batch [...], event [].
+    """
+
+    def __init__(self, num_classes: int, hidden: Sequence[int], num_inputs: int, **kwargs):
+        super().__init__(num_inputs, hidden, {"logits": num_classes}, **kwargs)
+        self.num_classes = num_classes
+
+    def distribution(self, inputs, training=None, collect=True):
+        return tfd.Categorical(logits=self(inputs, training=training, collect=collect))
+
+
+class BernoulliNet(Conditional):
+    """Independent Bernoulli over the D flattened pixels: prod_d Ber(x_d; sigmoid(logits_d(u))).
+
+    `call` -> logits [..., D]. `distribution` -> Independent(Bernoulli), batch [...], event [D].
+    """
+
+    def __init__(self, dim: int, hidden: Sequence[int], num_inputs: int, **kwargs):
+        super().__init__(num_inputs, hidden, {"logits": dim}, **kwargs)
+        self.dim = dim
+
+    def distribution(self, inputs, training=None, collect=True):
+        logits = self(inputs, training=training, collect=collect)
+        return tfd.Independent(tfd.Bernoulli(logits=logits, dtype=tf.float32),
+                               reinterpreted_batch_ndims=1)

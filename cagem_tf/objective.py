@@ -1,0 +1,73 @@
+"""The CaGeM objectives, computed from the enumerated log-densities of `CaGeM.latent_terms`.
+
+Shapes: K clusters, S samples of z1, B examples. The terms are
+  z1 [S,B,d1], z2 [K,S,B,d2]  the samples themselves
+  log_q_z1 [S,B]      log q(z1_s|x)
+  q_y_logits [S,B,K]  logits of q(y|z1_s,x)
+  log_q_z2 [K,S,B]    log q(z2_s^y|x,y,z1_s), z2_s^y drawn for every y
+  kl_z2 [K,S,B]       KL[q(z2|x,y,z1_s) || p(z2)], analytic
+  log_p_z2, log_p_y, log_p_z1, log_p_x [K,S,B]
+                      log p(z2^y), log p(y|z2^y), log p(z1|y,z2^y), log p(x|y,z1)
+"""
+
+import tensorflow as tf
+
+
+def _over_y(q_y_logits):
+    """q(y|z1,x) and its log as [K,S,B], the layout of the enumerated terms."""
+    log_q_y = tf.transpose(tf.nn.log_softmax(q_y_logits), [2, 0, 1])
+    return tf.exp(log_q_y), log_q_y
+
+
+def elbo(terms, temperature=1.0):
+    """The ELBO per example with the sum over y done exactly, and its parts, each [B].
+
+    F = E_q(z1|x)[ sum_y q(y|z1,x) E_q(z2|x,y,z1)[ log p(x,y,z1,z2) / q(y,z1,z2|x) ] ]
+      = log_px - kl_z1 - kl_z2 - kl_y, with
+    log_px = E[sum_y q(y) log p(x|y,z1)],  kl_z1 = E[log q(z1|x) - sum_y q(y) log p(z1|y,z2^y)],
+    kl_z2 = E[sum_y q(y) KL[q(z2|x,y,z1)||p(z2)]],  kl_y = E[sum_y q(y) (log q(y|z1,x) - log p(y|z2^y))].
+    `objective` is log_px - temperature * (kl_z1 + kl_z2 + kl_y): the KL warm-up.
+    """
+    q_y, log_q_y = _over_y(terms["q_y_logits"])
+
+    def expect(t):  # sum over y weighted by q(y|z1,x), mean over the S samples -> [B]
+        return tf.reduce_mean(tf.reduce_sum(q_y * t, axis=0), axis=0)
+
+    log_px = expect(terms["log_p_x"])
+    kl_z1 = tf.reduce_mean(terms["log_q_z1"], axis=0) - expect(terms["log_p_z1"])
+    kl_z2 = expect(terms["kl_z2"])
+    kl_y = expect(log_q_y - terms["log_p_y"])
+    kl = kl_z1 + kl_z2 + kl_y
+    return {"elbo": log_px - kl, "objective": log_px - temperature * kl,
+            "log_px": log_px, "kl_z1": kl_z1, "kl_z2": kl_z2, "kl_y": kl_y}
+
+
+def iw_log_weights(terms):
+    """log w_s [S,B] with y summed exactly inside each importance weight.
+
+    w_s = sum_y p(x,y,z1_s,z2_s^y) / (q(z1_s|x) q(z2_s^y|x,y,z1_s)), so E[w_s] = p(x) and
+    log mean_s w_s is the importance-weighted bound log p_S(x).
+    """
+    log_joint_over_q_z2 = (terms["log_p_x"] + terms["log_p_z1"] + terms["log_p_y"]
+                           + terms["log_p_z2"] - terms["log_q_z2"])
+    return tf.reduce_logsumexp(log_joint_over_q_z2, axis=0) - terms["log_q_z1"]
+
+
+def log_mean_exp(log_w, axis=0):
+    """log mean exp along `axis`, computed stably."""
+    n = tf.cast(tf.shape(log_w)[axis], log_w.dtype)
+    return tf.reduce_logsumexp(log_w, axis=axis) - tf.math.log(n)
+
+
+def alpha(beta: float, num_unlabelled: int, num_labelled: int) -> float:
+    """Weight of the labelled cross-entropies: alpha = beta * (N_u + N_l) / N_l (0 when N_l = 0)."""
+    if num_labelled <= 0:
+        return 0.0
+    return beta * (num_unlabelled + num_labelled) / num_labelled
+
+
+def cross_entropy(log_probs, labels):
+    """Mean over the batch of -log prob[label]; log_probs [B,K], labels int [B]."""
+    labels = tf.cast(labels, tf.int32)
+    return -tf.reduce_mean(tf.gather(log_probs, labels, axis=1, batch_dims=1))
+

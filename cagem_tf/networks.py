@@ -77,9 +77,15 @@ class Conditional(keras.Model):
         return outputs if len(outputs) > 1 else outputs[0]
 
 
+LOG_SCALE_BOUND = 10.0
+
+
 class GaussianNet(Conditional):
     """Diagonal Gaussian N(z; mu(u), diag(sigma(u)^2)), with mu and log sigma linear heads.
 
+    log sigma = b tanh(h / b) for the linear head h and b = LOG_SCALE_BOUND: the identity for
+    |h| << b, but sigma stays in [e^-b, e^b] so that far-out inputs (a wide q(z2) early in
+    training) cannot overflow a density.
     `call` -> (loc, log_scale), each [..., dim]. `distribution` -> MultivariateNormalDiag with
     batch shape [...] (the broadcast leading shape of the inputs) and event shape [dim].
     """
@@ -87,6 +93,10 @@ class GaussianNet(Conditional):
     def __init__(self, dim: int, hidden: Sequence[int], num_inputs: int, **kwargs):
         super().__init__(num_inputs, hidden, {"loc": dim, "log_scale": dim}, **kwargs)
         self.dim = dim
+
+    def call(self, inputs, training=None, collect=True):
+        loc, log_scale = super().call(inputs, training=training, collect=collect)
+        return loc, LOG_SCALE_BOUND * tf.tanh(log_scale / LOG_SCALE_BOUND)
 
     def distribution(self, inputs, training=None, collect=True):
         loc, log_scale = self(inputs, training=training, collect=collect)

@@ -1,0 +1,95 @@
+"""Shape contracts: batch and event shapes of every distribution, and of the model's methods."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import tiny_cagem
+
+K, D, D1, D2, B, S = 3, 5, 4, 2, 7, 6
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_cagem(num_clusters=K, z1_dim=D1, z2_dim=D2)
+
+
+def _x(n=B):
+    return tf.constant(np.random.default_rng(0).integers(0, 2, (n, D)), tf.float32)
+
+
+def _y(lead):
+    return tf.one_hot(tf.zeros(lead, tf.int32), K)
+
+
+@pytest.mark.parametrize("lead", [(B,), (S, B), (K, S, B)])
+def test_distribution_shapes(model, lead):
+    x, z1, z2, y = tf.zeros(lead + (D,)), tf.zeros(lead + (D1,)), tf.zeros(lead + (D2,)), _y(lead)
+    cases = {
+        "q_z1": (model.q_z1.distribution([x]), [D1]),
+        "q_y": (model.q_y.distribution([z1, x]), []),
+        "q_z2": (model.q_z2.distribution([y, z1, x]), [D2]),
+        "p_y": (model.p_y.distribution([z2]), []),
+        "p_z1": (model.p_z1.distribution([y, z2]), [D1]),
+        "p_x": (model.p_x.distribution([y, z1]), [D]),
+    }
+    for name, (dist, event) in cases.items():
+        assert dist.batch_shape.as_list() == list(lead), name
+        assert dist.event_shape.as_list() == event, name
+        sample = dist.sample(2, seed=tf.constant([1, 2]))
+        assert sample.shape.as_list() == [2, *lead, *event], name
+        assert dist.log_prob(sample).shape.as_list() == [2, *lead], name
+
+
+def test_broadcast_inputs_project_once(model):
+    """y [K,1,1,K] with z1 [S,B,d1] and x [B,D] broadcast to [K,S,B]."""
+    dist = model.q_z2.distribution([model.clusters(2), tf.zeros([S, B, D1]), _x()])
+    assert dist.batch_shape.as_list() == [K, S, B]
+
+
+def test_latent_terms_layout(model):
+    terms = model.latent_terms(_x(), S, seed=tf.constant([0, 1]))
+    expected = {"z1": [S, B, D1], "z2": [K, S, B, D2], "log_q_z1": [S, B],
+                "q_y_logits": [S, B, K]}
+    for name in ("log_q_z2", "kl_z2", "log_p_z2", "log_p_y", "log_p_z1", "log_p_x"):
+        expected[name] = [K, S, B]
+    assert {k: v.shape.as_list() for k, v in terms.items()} == expected
+
+
+def test_method_shapes(model):
+    x = _x()
+    assert {k: v.shape.as_list() for k, v in model.elbo(x).items()} == {
+        k: [B] for k in ("elbo", "objective", "log_px", "kl_z1", "kl_z2", "kl_y")}
+    assert model.iw_bound(x, num_samples=30, chunk_size=7).shape.as_list() == [B]
+    p_y, q_y = model.classify(x, num_samples=4)
+    assert p_y.shape.as_list() == q_y.shape.as_list() == [B, K]
+    np.testing.assert_allclose(tf.reduce_sum(p_y, -1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(tf.reduce_sum(q_y, -1), 1.0, rtol=1e-5)
+    probs, y = model.sample(9)
+    assert probs.shape.as_list() == [9, D] and y.shape.as_list() == [9] and y.dtype == tf.int32
+    probs, y = model.sample(3, y=tf.constant([2, 0, 1]))
+    assert y.numpy().tolist() == [2, 0, 1]
+    z1, z2 = model.encode(x)
+    assert z1.shape.as_list() == [B, D1] and z2.shape.as_list() == [B, D2]
+    assert model.reconstruct(x).shape.as_list() == [B, D]
+
+
+def test_image_shape_is_kept():
+    model = tiny_cagem(image_shape=(2, 3, 1))
+    x = tf.zeros([4, 2, 3, 1])
+    assert model.sample(4)[0].shape.as_list() == [4, 2, 3, 1]
+    assert model.reconstruct(x).shape.as_list() == [4, 2, 3, 1]
+    assert model.elbo(x)["elbo"].shape.as_list() == [4]
+
+
+def test_one_cluster_is_a_two_layer_vae():
+    """K=1: q(y|z1,x) = p(y|z2) = 1, so kl_y = 0 and the ELBO is that of a two-layer VAE."""
+    model = tiny_cagem(num_clusters=1)
+    parts = model.elbo(_x(), num_samples=3, seed=tf.constant([0, 0]))
+    np.testing.assert_allclose(parts["kl_y"], 0.0, atol=1e-6)
+
+
+def test_different_number_of_clusters_unsupervised():
+    model = tiny_cagem(num_clusters=7)
+    assert model.elbo(_x())["elbo"].shape.as_list() == [B]
+    assert model.classify(_x(), 2)[0].shape.as_list() == [B, 7]

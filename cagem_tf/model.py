@@ -47,12 +47,14 @@ class CaGeM(keras.Model):
       num_samples: samples of z1 (and of z2 per y) in the training ELBO.
       classifier_samples: samples used by the classifiers in `test_step`.
       seed: seed of the model's random stream (sampling in training and evaluation).
+      synchronized_bn: batch normalization over the global batch when replicas split it.
     """
 
     def __init__(self, image_shape: Sequence[int] = (28, 28, 1), num_clusters: int = 10,
                  z1_dim: int = 64, z2_dim: int = 32, hidden_lower=(1024, 1024),
                  hidden_upper=(512, 512), skip_connection: bool = True, num_samples: int = 1,
-                 classifier_samples: int = 10, seed: int | None = None, **kwargs):
+                 classifier_samples: int = 10, seed: int | None = None,
+                 synchronized_bn: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.image_shape = tuple(int(d) for d in image_shape)
         self.data_dim = int(np.prod(self.image_shape))
@@ -65,17 +67,19 @@ class CaGeM(keras.Model):
         self.num_samples = int(num_samples)
         self.classifier_samples = int(classifier_samples)
         self.seed = seed
+        self.synchronized_bn = bool(synchronized_bn)
         K, lower, upper = self.num_clusters, self.hidden_lower, self.hidden_upper
+        sync = {"synchronized_bn": self.synchronized_bn}
 
-        # Inference model q(y,z1,z2|x); input order as in the docstrings of each method.
-        self.q_z1 = GaussianNet(z1_dim, lower, num_inputs=1, name="q_z1")               # x
-        self.q_y = CategoricalNet(K, lower, num_inputs=2, name="q_y")                   # z1, x
-        self.q_z2 = GaussianNet(z2_dim, upper, num_inputs=3 if skip_connection else 2,
-                                name="q_z2")                                            # y, z1, x
+        # Inference model q(y,z1,z2|x); the comments give each network's inputs in order.
+        self.q_z1 = GaussianNet(z1_dim, lower, 1, name="q_z1", **sync)                 # x
+        self.q_y = CategoricalNet(K, lower, 2, name="q_y", **sync)                     # z1, x
+        self.q_z2 = GaussianNet(z2_dim, upper, 3 if skip_connection else 2, name="q_z2",
+                                **sync)                                               # y, z1, x
         # Generative model p(x,y,z1,z2).
-        self.p_y = CategoricalNet(K, upper, num_inputs=1, name="p_y")                   # z2
-        self.p_z1 = GaussianNet(z1_dim, upper, num_inputs=2, name="p_z1")               # y, z2
-        self.p_x = BernoulliNet(self.data_dim, lower, num_inputs=2, name="p_x")         # y, z1
+        self.p_y = CategoricalNet(K, upper, 1, name="p_y", **sync)                     # z2
+        self.p_z1 = GaussianNet(z1_dim, upper, 2, name="p_z1", **sync)                 # y, z2
+        self.p_x = BernoulliNet(self.data_dim, lower, 2, name="p_x", **sync)           # y, z1
 
         self.temperature = self.add_weight(shape=(), initializer="ones", trainable=False,
                                            name="temperature")
@@ -85,6 +89,7 @@ class CaGeM(keras.Model):
         # Build every variable now, so that compile, checkpoints and exports see them all.
         self.latent_terms(tf.zeros([1, self.data_dim]), num_samples=1, seed=tf.constant([0, 0]))
         self.sample(1, seed=tf.constant([0, 0]))
+        self.built = True
 
     # ----------------------------------------------------------------------------------------
     # Distributions
@@ -114,7 +119,8 @@ class CaGeM(keras.Model):
             seed = self.seed_generator.next()
         return tf.cast(seed, tf.int32)
 
-    def _q_z2_inputs(self, y, z1, x):
+    def q_z2_inputs(self, y, z1, x):
+        """The inputs of q(z2|x,y,z1) in order: [y, z1, x], x only with the skip connection."""
         return [y, z1, x] if self.skip_connection else [y, z1]
 
     # ----------------------------------------------------------------------------------------
@@ -132,7 +138,7 @@ class CaGeM(keras.Model):
         z1 = q_z1.sample(S, seed=seed_z1)                                         # [S,B,d1]
         q_y_logits = self.q_y([z1, x], training=training, collect=collect)       # [S,B,K]
         y = self.clusters(2)                                                      # [K,1,1,K]
-        q_z2 = self.q_z2.distribution(self._q_z2_inputs(y, z1, x), training=training,
+        q_z2 = self.q_z2.distribution(self.q_z2_inputs(y, z1, x), training=training,
                                       collect=collect)                            # batch [K,S,B]
         z2 = q_z2.sample(seed=seed_z2)                                            # [K,S,B,d2]
         p_y = self.p_y.distribution([z2], training=training, collect=collect)   # batch [K,S,B]
@@ -164,15 +170,16 @@ class CaGeM(keras.Model):
         loop compiles under tf.function.
         """
         x = self.flatten(x)
-        chunk_size = int(min(chunk_size, num_samples))
-        num_chunks = -(-int(num_samples) // chunk_size)
+        num_samples = tf.convert_to_tensor(num_samples, tf.int32)
+        chunk = tf.minimum(tf.constant(chunk_size, tf.int32), num_samples)
+        num_chunks = (num_samples + chunk - 1) // chunk
         seed = self._seed(seed)
 
         def body(i, acc):
             terms = self.latent_terms(
-                x, chunk_size, tf.random.experimental.stateless_fold_in(seed, i))
+                x, chunk, tf.random.experimental.stateless_fold_in(seed, i))
             log_w = objective.iw_log_weights(terms)                              # [C,B]
-            index = i * chunk_size + tf.range(chunk_size)
+            index = i * chunk + tf.range(chunk)
             log_w = tf.where((index < num_samples)[:, None], log_w, -np.inf)
             return i + 1, tf.reduce_logsumexp(tf.stack([acc, tf.reduce_logsumexp(log_w, 0)]), 0)
 
@@ -195,7 +202,7 @@ class CaGeM(keras.Model):
         z1 = self.q_z1.distribution([x], training=training, collect=collect).sample(
             S, seed=seed_z1)                                                     # [S,B,d1]
         log_q_c = tf.nn.log_softmax(self.q_y([z1, x], training=training, collect=collect))
-        z2 = self.q_z2.distribution(self._q_z2_inputs(self.clusters(2), z1, x),
+        z2 = self.q_z2.distribution(self.q_z2_inputs(self.clusters(2), z1, x),
                                     training=training, collect=collect).sample(seed=seed_z2)
         log_p_y = tf.nn.log_softmax(self.p_y([z2], training=training, collect=collect))
         log_q_c_first = tf.transpose(log_q_c, [2, 0, 1])[..., None]             # [K(c),S,B,1]
@@ -231,7 +238,7 @@ class CaGeM(keras.Model):
         x = self.flatten(x)
         z1, _ = self.q_z1([x])
         q_y = tf.nn.softmax(self.q_y([z1, x]))                                   # [B,K]
-        z2_loc, _ = self.q_z2(self._q_z2_inputs(self.clusters(1), z1, x))        # [K,B,d2]
+        z2_loc, _ = self.q_z2(self.q_z2_inputs(self.clusters(1), z1, x))        # [K,B,d2]
         return z1, tf.einsum("bk,kbd->bd", q_y, z2_loc)
 
     def reconstruct(self, x):
@@ -325,4 +332,4 @@ class CaGeM(keras.Model):
                 "z1_dim": self.z1_dim, "z2_dim": self.z2_dim, "hidden_lower": self.hidden_lower,
                 "hidden_upper": self.hidden_upper, "skip_connection": self.skip_connection,
                 "num_samples": self.num_samples, "classifier_samples": self.classifier_samples,
-                "seed": self.seed, "name": self.name}
+                "seed": self.seed, "synchronized_bn": self.synchronized_bn, "name": self.name}

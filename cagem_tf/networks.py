@@ -49,7 +49,7 @@ class Conditional(keras.Model):
     """
 
     def __init__(self, num_inputs: int, hidden: Sequence[int], head_units: dict[str, int],
-                 bn_momentum: float = 0.9, **kwargs):
+                 bn_momentum: float = 0.9, synchronized_bn: bool = False, **kwargs):
         super().__init__(**kwargs)
         hidden = tuple(int(h) for h in hidden)
         if not hidden or min(hidden) <= 0:
@@ -60,7 +60,9 @@ class Conditional(keras.Model):
                             for i in range(num_inputs)]
         self.hidden_layers = [keras.layers.Dense(w, use_bias=False, name=f"hidden_{i + 1}")
                               for i, w in enumerate(hidden[1:])]
-        self.norms = [BatchNorm(momentum=bn_momentum, name=f"bn_{i}") for i in range(len(hidden))]
+        # synchronized: moments over the global batch when replicas split it.
+        self.norms = [BatchNorm(momentum=bn_momentum, synchronized=synchronized_bn, name=f"bn_{i}")
+                      for i in range(len(hidden))]
         self.head_names = tuple(head_units)
         self.heads = [keras.layers.Dense(units, name=name) for name, units in head_units.items()]
 

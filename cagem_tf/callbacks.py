@@ -1,0 +1,134 @@
+"""Keras callbacks of a CaGeM training run: KL warm-up, learning-rate decay, checkpoints and the
+TensorBoard summaries that Keras' own TensorBoard callback does not write."""
+
+import math
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from cagem_tf import evaluation, figures
+
+
+class KLWarmup(keras.callbacks.Callback):
+    """Sets the KL temperature to min(1, epoch / warmup_epochs) at the start of each epoch
+    (linear from 0 to 1; 1 throughout when warmup_epochs is 0)."""
+
+    def __init__(self, warmup_epochs: int):
+        super().__init__()
+        self.warmup_epochs = warmup_epochs
+
+    def temperature(self, epoch: int) -> float:
+        return 1.0 if self.warmup_epochs <= 0 else min(1.0, epoch / self.warmup_epochs)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.model.temperature.assign(self.temperature(epoch))
+
+
+def step_decay(learning_rate: float, decay: float, decay_epochs: int):
+    """epoch -> learning_rate * decay ** (epoch // decay_epochs), for LearningRateScheduler."""
+    def schedule(epoch, current=None):
+        return learning_rate * decay ** (epoch // decay_epochs) if decay_epochs > 0 \
+            else learning_rate
+    return schedule
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """A tf.train checkpoint of the model (its RNG state included), the optimizer and the epoch
+    count at the end of every epoch whose loss is finite; keeps the last `keep`.
+
+    TensorFlow writes the checkpoint files before it updates the index, so a process killed at
+    any moment leaves the previous checkpoint intact. An epoch with a NaN or inf loss is never
+    saved: `bad_epoch` records it and the last good checkpoint stays the latest.
+    """
+
+    def __init__(self, directory: str, model, keep: int = 3):
+        super().__init__()
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+        model.optimizer.build(model.trainable_variables)
+        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer,
+                                              epoch=self.epoch)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=keep)
+        self.bad_epoch = None
+
+    def restore(self, path: str | None = None) -> int:
+        """Restores `path` (default: the latest checkpoint); returns the epochs done (0: none)."""
+        path = path or self.manager.latest_checkpoint
+        if path:
+            self.checkpoint.restore(path).assert_existing_objects_matched()
+        return int(self.epoch.numpy())
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is None or not math.isfinite(float(loss)):
+            self.bad_epoch = epoch
+            self.model.stop_training = True
+            return
+        self.epoch.assign(epoch + 1)
+        self.manager.save(checkpoint_number=epoch + 1)
+
+
+class PeriodicExport(keras.callbacks.Callback):
+    """exporter(model, export_dir) every `every` epochs, after the epoch's checkpoint, and never
+    for an epoch that `checkpoint` refused (a NaN or inf loss)."""
+
+    def __init__(self, exporter, export_dir: str, every: int, checkpoint: EpochCheckpoint,
+                 log=print):
+        super().__init__()
+        self.exporter, self.export_dir, self.every = exporter, export_dir, every
+        self.checkpoint, self.log = checkpoint, log
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every == 0 and self.checkpoint.bad_epoch is None:
+            self.log(f"exported {self.exporter(self.model, self.export_dir)}")
+
+
+class Summaries(keras.callbacks.Callback):
+    """TensorBoard summaries beside Keras' per-epoch training scalars, written to `log_dir`.
+
+    Every epoch: learning rate, temperature, alpha. Every `eval_every` epochs (and at the last):
+    the evaluation of `evaluation.periodic_metrics` on the fixed images `x_eval` (ELBO terms, IW
+    bound, classifier errors when labels are used, active units), per-unit KL histograms, image
+    grids of samples, class-conditional samples and reconstructions, and the z2 means of the
+    evaluation images for the Projector, labelled with their classes.
+    """
+
+    def __init__(self, log_dir: str, x_eval, y_eval, eval_every: int, iw_samples: int,
+                 epochs: int, report_errors: bool, seed: int = 0, log=print):
+        super().__init__()
+        self.log_dir = log_dir
+        self.writer = tf.summary.create_file_writer(os.path.join(log_dir, "eval"))
+        self.x_eval, self.y_eval = x_eval, y_eval
+        self.eval_every, self.iw_samples, self.epochs = eval_every, iw_samples, epochs
+        self.report_errors, self.seed, self.log = report_errors, seed, log
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = epoch + 1
+        with self.writer.as_default(step=step):
+            tf.summary.scalar("learning_rate", float(self.model.optimizer.learning_rate))
+            tf.summary.scalar("temperature", float(self.model.temperature))
+            tf.summary.scalar("alpha", self.model.alpha)
+            if self.eval_every > 0 and (step % self.eval_every == 0 or step == self.epochs):
+                self.evaluate(step)
+        self.writer.flush()
+
+    def evaluate(self, step):
+        model = self.model
+        metrics = evaluation.periodic_metrics(model, self.x_eval, self.y_eval, self.iw_samples,
+                                              seed=self.seed)
+        shown = {k: v for k, v in metrics.items() if np.isscalar(v)
+                 and (self.report_errors or not k.startswith("error"))}
+        for name, value in shown.items():
+            tf.summary.scalar(f"eval/{name}", value)
+        tf.summary.histogram("kl_per_unit/z1", metrics["kl_z1_per_unit"])
+        tf.summary.histogram("kl_per_unit/z2", metrics["kl_z2_per_unit"])
+        seed = tf.constant([self.seed, step], tf.int32)
+        tf.summary.image("samples", figures.grid(model.sample(100, seed=seed)[0].numpy(), 10)[None])
+        tf.summary.image("class_conditional", figures.class_grid(model, 10, seed)[None])
+        tf.summary.image("reconstructions",
+                         figures.reconstruction_grid(model, self.x_eval[:10])[None])
+        figures.write_projector(os.path.join(self.log_dir, "projector"), metrics["z2_means"],
+                                self.y_eval)
+        self.log(f"epoch {step} evaluation: " + ", ".join(
+            f"{k} {v:.4g}" for k, v in shown.items()))

@@ -1,0 +1,222 @@
+"""train/main.py end to end: run directory, TensorBoard, exports, resume, NaN stop, bad flags."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorboard.backend.event_processing import event_accumulator
+
+from cagem_tf import model as model_lib
+from cagem_tf import rundir, training
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--hidden_lower=16", "--hidden_upper=16", "--z1_dim=4", "--z2_dim=2", "--batch_size=50",
+        "--labels=6", "--eval_every=1", "--eval_iw_samples=10", "--eval_subset=40",
+        "--warmup_epochs=2", "--verbose=2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_npz(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    prototypes = rng.random((3, 8, 8)) < 0.4
+    y = np.arange(700) % 3
+    x = ((prototypes[y] ^ (rng.random((700, 8, 8)) < 0.1)) * 255).astype(np.uint8)
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    np.savez(path, x_train=x[:600], y_train=y[:600], x_test=x[600:], y_test=y[600:])
+    return str(path)
+
+
+def run_cli(*args, script="train/main.py", timeout=300):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def tags(event_dir):
+    acc = event_accumulator.EventAccumulator(event_dir, size_guidance={"tensors": 0})
+    acc.Reload()
+    return set(acc.Tags()["tensors"])
+
+
+def test_end_to_end_run(tiny_npz, tmp_path):
+    run = str(tmp_path / "run")
+    result = run_cli(f"--dataset={tiny_npz}", f"--model_dir={run}", "--epochs=2", *TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.load(open(os.path.join(run, "config.json")))
+    assert config["labels"] == 6 and config["hidden_lower"] == [16, 16]
+    labelled = json.load(open(os.path.join(run, "labelled_indices.json")))
+    assert len(labelled) == 6
+    assert tf.train.latest_checkpoint(os.path.join(run, "checkpoints")).endswith("ckpt-2")
+    assert {"epoch_elbo", "epoch_kl_z1", "epoch_kl_z2", "epoch_kl_y", "epoch_h_p",
+            "epoch_accuracy_p"} <= tags(os.path.join(run, "logs", "train"))
+    eval_tags = tags(os.path.join(run, "logs", "eval"))
+    assert {"learning_rate", "temperature", "alpha", "eval/elbo", "eval/iw_bound",
+            "eval/error_p", "eval/error_q", "eval/active_units_z1", "eval/active_units_z2",
+            "kl_per_unit/z1", "kl_per_unit/z2", "samples", "class_conditional",
+            "reconstructions"} <= eval_tags
+    projector = os.path.join(run, "logs", "projector")
+    assert len(open(os.path.join(projector, "metadata.tsv")).read().split()) == 40
+    assert os.listdir(os.path.join(run, "export")) == ["1"]
+    loaded = tf.saved_model.load(os.path.join(run, "export", "1"))
+    out = loaded.signatures["classify"](x=tf.zeros([2, 8, 8, 1]))
+    assert out["p_y"].shape == (2, 3)
+
+
+def test_kill_and_resume_continues_the_epoch_count(tiny_npz, tmp_path):
+    run = str(tmp_path / "run")
+    args = [f"--dataset={tiny_npz}", f"--model_dir={run}", "--epochs=40", "--eval_every=0",
+            *[a for a in TINY if not a.startswith("--eval_every")]]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train/main.py"), *args],
+                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    index = os.path.join(run, "checkpoints", "ckpt-2.index")
+    deadline = time.time() + 240
+    while not os.path.exists(index) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert os.path.exists(index), "no checkpoint before the kill"
+    done = int(tf.train.latest_checkpoint(os.path.join(run, "checkpoints")).rsplit("-", 1)[1])
+    assert 2 <= done < 40
+    result = run_cli(*[a for a in args if not a.startswith("--epochs")], f"--epochs={done + 1}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Resuming {run} after epoch {done}" in result.stdout + result.stderr
+    assert tf.train.latest_checkpoint(os.path.join(run, "checkpoints")).endswith(
+        f"ckpt-{done + 1}")
+
+
+def test_changed_flag_on_resume_is_refused_and_fresh_keeps_the_old_run(tiny_npz, tmp_path):
+    run = str(tmp_path / "run")
+    config = {**training.DEFAULTS, "dataset": tiny_npz, "model_dir": run, "epochs": 1,
+              "labels": 6, "hidden_lower": [8, 8], "hidden_upper": [8, 8], "z1_dim": 2,
+              "z2_dim": 2, "batch_size": 100, "eval_every": 0, "verbose": 0}
+    training.train(config, log=lambda m: None)
+    before = open(os.path.join(run, "config.json")).read()
+    with pytest.raises(rundir.RunError, match=r"--beta \(run: 0.1, now: 0.2\)") as error:
+        training.train({**config, "beta": 0.2, "epochs": 2}, log=lambda m: None)
+    assert "\n" not in str(error.value)
+    assert open(os.path.join(run, "config.json")).read() == before
+    assert tf.train.latest_checkpoint(os.path.join(run, "checkpoints")).endswith("ckpt-1")
+    training.train({**config, "beta": 0.2, "fresh": True}, log=lambda m: None)
+    kept = [d for d in os.listdir(tmp_path) if d.startswith("run.")]
+    assert len(kept) == 1 and open(os.path.join(tmp_path, kept[0], "config.json")).read() == before
+    assert json.load(open(os.path.join(run, "config.json")))["beta"] == 0.2
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_npz, tmp_path, monkeypatch):
+    original = model_lib.CaGeM.train_step
+
+    def poisoned(self, data):  # from step 16 (epoch 2 of 12 steps) the input is NaN
+        bad = self.optimizer.iterations >= 15
+        return original(self, {**data, "x": tf.where(bad, np.nan, data["x"])})
+
+    monkeypatch.setattr(model_lib.CaGeM, "train_step", poisoned)
+    run = str(tmp_path / "run")
+    config = {**training.DEFAULTS, "dataset": tiny_npz, "model_dir": run, "epochs": 4,
+              "labels": 6, "hidden_lower": [8, 8], "hidden_upper": [8, 8], "z1_dim": 2,
+              "z2_dim": 2, "batch_size": 50, "eval_every": 0, "verbose": 0}
+    exported = []
+    with pytest.raises(training.TrainingError, match="epoch 2.*ckpt-1"):
+        training.train(config, log=lambda m: None,
+                       exporter=lambda model, path: exported.append(path))
+    assert tf.train.latest_checkpoint(os.path.join(run, "checkpoints")).endswith("ckpt-1")
+    assert exported == []
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"batch_size": 0}, "--batch_size 0"),
+    ({"epochs": 0}, "--epochs 0"),
+    ({"labels": 7}, "--labels 7: must be a multiple"),
+    ({"labels": -3}, "--labels -3"),
+    ({"clusters": 5, "labels": 6}, "--clusters 5"),
+    ({"learning_rate": 0.0}, "--learning_rate"),
+    ({"hidden_lower": [0]}, "--hidden_lower"),
+    ({"strategy": "magic"}, "--strategy magic"),
+    ({"validation": 600}, "--validation 600"),
+    ({"dataset": "no_such_set"}, "unknown data set"),
+])
+def test_bad_settings_fail_before_writing(tiny_npz, tmp_path, change, message):
+    run = str(tmp_path / "run")
+    config = {**training.DEFAULTS, "dataset": tiny_npz, "model_dir": run, "labels": 6, **change}
+    with pytest.raises((rundir.RunError, training.data.DataError), match=message) as error:
+        training.train(config, log=lambda m: None)
+    assert "\n" not in str(error.value)
+    assert not os.path.exists(run)
+
+
+def test_cli_reports_bad_flags_in_one_line(tiny_npz, tmp_path):
+    for args, expected in [
+        (["--labels=7"], "must be a multiple"),
+        (["--hidden_lower=big"], "--hidden_lower big: give integers"),
+        (["--strategy=magic"], "--strategy"),
+        (["--no_such_flag=1"], "no_such_flag"),
+    ]:
+        result = run_cli(f"--dataset={tiny_npz}", f"--model_dir={tmp_path / 'run'}", *args)
+        assert result.returncode != 0
+        lines = [l for l in result.stderr.splitlines() if expected in l]
+        assert lines, result.stderr[-2000:]
+        assert not os.path.exists(tmp_path / "run")
+
+
+MIRRORED_STEP = r"""
+import numpy as np, tensorflow as tf, keras
+tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
+    [tf.config.LogicalDeviceConfiguration()] * 2)
+from cagem_tf import CaGeM
+
+def make(sync):
+    keras.utils.set_random_seed(0)
+    model = CaGeM(image_shape=(6,), num_clusters=2, z1_dim=2, z2_dim=2, hidden_lower=(8, 8),
+                  hidden_upper=(8, 8), seed=1, synchronized_bn=sync)
+    model.compile(keras.optimizers.SGD(0.1), alpha=2.0)
+    return model
+
+rng = np.random.default_rng(0)
+a, b = (rng.integers(0, 2, (8, 6)).astype(np.float32) for _ in range(2))
+xl, yl = rng.integers(0, 2, (4, 6)).astype(np.float32), np.array([0, 1, 0, 1], np.int32)
+
+def step(model, x, strategy=None):
+    data = {"x": x, "x_labelled": xl, "y_labelled": yl}
+    if strategy is None:
+        model.train_step(data)
+    else:  # replica r takes its half of x and the whole labelled batch
+        half = len(x) // 2
+        per_replica = strategy.experimental_distribute_values_from_function(
+            lambda ctx: {**data, "x": x[ctx.replica_id_in_sync_group * half:][:half]})
+        strategy.run(model.train_step, args=(per_replica,))
+    return model
+
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    mirrored_same = make(True)
+    mirrored_sync = make(True)
+    mirrored_local = make(False)
+single = step(make(False), a)
+step(mirrored_same, np.concatenate([a, a]), strategy)
+# Each replica sees a with the same noise: the global step equals the one-device step on a.
+for u, v in zip(single.trainable_variables, mirrored_same.trainable_variables):
+    np.testing.assert_allclose(u.numpy(), v.numpy(), rtol=1e-5, atol=1e-6)
+# q(z1|x)'s first normalization sees only x: synchronized moments are those of [a; b].
+concat = step(make(False), np.concatenate([a, b]))
+step(mirrored_sync, np.concatenate([a, b]), strategy)
+step(mirrored_local, np.concatenate([a, b]), strategy)
+want = concat.q_z1.norms[0].moving_mean.numpy()
+np.testing.assert_allclose(mirrored_sync.q_z1.norms[0].moving_mean.numpy(), want, rtol=1e-5)
+assert np.abs(mirrored_local.q_z1.norms[0].moving_mean.numpy() - want).max() > 1e-4
+print("MIRRORED OK")
+"""
+
+
+def test_mirrored_step_matches_single_device():
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=ROOT)
+    result = subprocess.run([sys.executable, "-c", MIRRORED_STEP], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert "MIRRORED OK" in result.stdout, result.stderr[-3000:]

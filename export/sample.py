@@ -2,6 +2,7 @@
 python export/sample.py --saved_model DIR --num 100 [--label 3] [--seed 0] --out samples.png"""
 
 import math
+import re
 import sys
 
 from absl import app, flags
@@ -44,7 +45,8 @@ def main(argv):
         else:
             out = model.signatures["sample_class"](y=tf.fill([FLAGS.num], FLAGS.label), seed=seed)
     except tf.errors.InvalidArgumentError as e:
-        sys.exit(f"error: {e.message.splitlines()[0]}")
+        found = re.search(r"assertion failed: \[(.*?)\] \[Condition", e.message)
+        sys.exit(f"error: {found.group(1) if found else e.message.splitlines()[0]}")
     images = out["images"] if FLAGS.binary else out["probs"]
     tf.io.write_file(FLAGS.out, grid_png(images, math.ceil(math.sqrt(FLAGS.num))))
     print(f"wrote {FLAGS.out}")

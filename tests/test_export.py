@@ -1,0 +1,170 @@
+"""SavedModel export: signatures, TensorFlow-only loading, input checks, versions, tools."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from cagem_tf import rundir, training
+from conftest import tiny_cagem
+from export import saved_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPE = (6, 6, 1)
+K = 3
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_cagem(image_shape=SHAPE, num_clusters=K, z1_dim=3, z2_dim=2)
+
+
+@pytest.fixture(scope="module")
+def exported(model, tmp_path_factory):
+    export_dir = str(tmp_path_factory.mktemp("export"))
+    return export_dir, saved_model.export(model, export_dir)
+
+
+def _images(n=5, seed=0):
+    return np.random.default_rng(seed).random((n, *SHAPE)).astype(np.float32)
+
+
+def _env():
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+
+
+CONSUMER = r"""
+import json, sys
+import numpy as np, tensorflow as tf
+m = tf.saved_model.load(sys.argv[1])
+x = tf.constant(np.load(sys.argv[2]))
+out = {"signatures": sorted(m.signatures)}
+for name, kwargs in [
+        ("classify", dict(x=x)), ("encode", dict(x=x)), ("reconstruct", dict(x=x)),
+        ("log_likelihood", dict(x=x, num_samples=tf.constant(200))),
+        ("sample", dict(num_samples=tf.constant(4), seed=tf.constant(7))),
+        ("sample_class", dict(y=tf.constant([0, 2, 1]), seed=tf.constant(7)))]:
+    out[name] = {k: v.numpy().tolist() for k, v in m.signatures[name](**kwargs).items()}
+again = m.signatures["sample"](num_samples=tf.constant(4), seed=tf.constant(7))
+out["same_seed_same_sample"] = bool(np.array_equal(again["probs"], out["sample"]["probs"]))
+fresh = [m.signatures["sample"](num_samples=tf.constant(4), seed=tf.constant(-1))["probs"]
+         for _ in range(2)]
+out["negative_seed_fresh"] = not np.array_equal(fresh[0], fresh[1])
+out["modules"] = sorted(k for k in sys.modules if k.split(".")[0] in
+                        ("cagem_tf", "tensorflow_probability", "export"))
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_loads_with_tensorflow_alone_and_matches_the_model(model, exported, tmp_path):
+    _, path = exported
+    x = _images()
+    np.save(tmp_path / "x.npy", x)
+    result = subprocess.run([sys.executable, "-c", CONSUMER, path, str(tmp_path / "x.npy")],
+                            env=_env(), capture_output=True, text=True, timeout=300, cwd="/")
+    lines = [l for l in result.stdout.splitlines() if l.startswith("RESULT")]
+    assert lines, result.stderr[-3000:]
+    out = json.loads(lines[0][len("RESULT"):])
+    assert out["modules"] == []
+    assert out["signatures"] == sorted(["classify", "sample", "sample_class", "log_likelihood",
+                                        "encode", "reconstruct", "serving_default"])
+    p_y, q_y = model.classify(x, seed=tf.constant(saved_model.CLASSIFIER_SEED))
+    np.testing.assert_allclose(out["classify"]["p_y"], p_y, atol=1e-5)
+    np.testing.assert_allclose(out["classify"]["q_y"], q_y, atol=1e-5)
+    assert out["classify"]["label"] == np.argmax(p_y, -1).tolist()
+    same_seed = model.iw_bound(x, 200, saved_model.LIKELIHOOD_CHUNK,
+                               seed=tf.constant(saved_model.CLASSIFIER_SEED))
+    np.testing.assert_allclose(out["log_likelihood"]["log_likelihood"], same_seed, rtol=1e-4)
+    z1, z2 = model.encode(x)
+    np.testing.assert_allclose(out["encode"]["z1"], z1, atol=1e-5)
+    np.testing.assert_allclose(out["encode"]["z2"], z2, atol=1e-5)
+    np.testing.assert_allclose(out["reconstruct"]["probs"], model.reconstruct(x), atol=1e-5)
+    assert np.array(out["sample"]["probs"]).shape == (4, *SHAPE)
+    assert set(np.unique(out["sample"]["images"])) <= {0.0, 1.0}
+    assert all(0 <= y < K for y in out["sample"]["y"])
+    assert np.array(out["sample_class"]["probs"]).shape == (3, *SHAPE)
+    assert out["same_seed_same_sample"] and out["negative_seed_fresh"]
+
+
+def test_saved_model_cli_shows_and_runs(exported, tmp_path):
+    _, path = exported
+    np.save(tmp_path / "x.npy", _images(2))
+    cli = [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
+    shown = subprocess.run([*cli, "show", "--dir", path, "--all"], env=_env(),
+                           capture_output=True, text=True, timeout=300)
+    for name in ("classify", "sample", "sample_class", "log_likelihood", "encode",
+                 "reconstruct", "serving_default"):
+        assert f"signature_def['{name}']" in shown.stdout, shown.stderr[-2000:]
+    ran = subprocess.run([*cli, "run", "--dir", path, "--tag_set", "serve", "--signature_def",
+                          "classify", "--inputs", f"x={tmp_path / 'x.npy'}"],
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert "p_y" in ran.stdout and "label" in ran.stdout, ran.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def loaded(exported):
+    return tf.saved_model.load(exported[1])
+
+
+@pytest.mark.parametrize("signature,kwargs,message", [
+    ("classify", dict(x=tf.zeros([2, 6, 6])), r"x must be float32 \[N,6,6,1\]"),
+    ("classify", dict(x=tf.zeros([2, 5, 6, 1])), r"x must be float32 \[N,6,6,1\]"),
+    ("classify", dict(x=tf.fill([1, 6, 6, 1], 1.5)), r"values in \[0, 1\]"),
+    ("encode", dict(x=tf.fill([1, 6, 6, 1], -0.1)), r"values in \[0, 1\]"),
+    ("log_likelihood", dict(x=tf.zeros([1, 6, 6, 1]), num_samples=tf.constant(0)),
+     "num_samples must be a positive"),
+    ("sample", dict(num_samples=tf.constant(-2), seed=tf.constant(0)),
+     "num_samples must be a positive"),
+    ("sample_class", dict(y=tf.constant([0, 3]), seed=tf.constant(0)), r"values in \[0, 3\)"),
+])
+def test_bad_inputs_name_the_expected_shape_or_range(loaded, signature, kwargs, message):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        loaded.signatures[signature](**kwargs)
+
+
+def test_second_export_is_a_new_version(model, tmp_path):
+    export_dir = str(tmp_path / "serve")
+    first = saved_model.export(model, export_dir)
+    stamp = os.path.getmtime(os.path.join(first, "saved_model.pb"))
+    second = saved_model.export(model, export_dir)
+    assert (os.path.basename(first), os.path.basename(second)) == ("1", "2")
+    assert os.path.getmtime(os.path.join(first, "saved_model.pb")) == stamp
+    assert sorted(os.listdir(export_dir)) == ["1", "2"]  # no temporary left behind
+
+
+def test_export_cli_and_sample_tool(model, tmp_path):
+    run = tmp_path / "run"
+    os.makedirs(run / "checkpoints")
+    rundir.write_json(str(run / training.MODEL_CONFIG), model.get_config())
+    tf.train.Checkpoint(model=model).save(str(run / "checkpoints" / "ckpt"))
+    result = subprocess.run([sys.executable, "export/main.py", f"--model_dir={run}"], cwd=ROOT,
+                            env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert os.listdir(run / "export") == ["1"]
+    out = tmp_path / "grid.png"
+    result = subprocess.run([sys.executable, "export/sample.py", f"--saved_model={run}/export/1",
+                             "--num=9", "--label=2", f"--out={out}"], cwd=ROOT, env=_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert tf.io.decode_png(tf.io.read_file(str(out))).shape == (18, 18, 1)
+    bad = subprocess.run([sys.executable, "export/main.py", f"--model_dir={tmp_path}/nothing"],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "error:" in bad.stderr.splitlines()[-1]
+    bad = subprocess.run([sys.executable, "export/sample.py", f"--saved_model={run}/export/1",
+                          "--label=7", f"--out={out}"], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "values in [0, 3)" in bad.stderr.splitlines()[-1]
+
+
+def test_restored_checkpoint_gives_the_trained_weights(model, tmp_path):
+    run = tmp_path / "run"
+    os.makedirs(run / "checkpoints")
+    rundir.write_json(str(run / training.MODEL_CONFIG), model.get_config())
+    tf.train.Checkpoint(model=model).save(str(run / "checkpoints" / "ckpt"))
+    restored = training.load_trained(str(run))
+    for a, b in zip(model.variables, restored.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())

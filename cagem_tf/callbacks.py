@@ -12,18 +12,29 @@ from cagem_tf import evaluation, figures
 
 
 class KLWarmup(keras.callbacks.Callback):
-    """Sets the KL temperature to min(1, epoch / warmup_epochs) at the start of each epoch
-    (linear from 0 to 1; 1 throughout when warmup_epochs is 0)."""
+    """KL temperature linear from 0 to 1 over the first `warmup_epochs` epochs: before each step
+    T = min(1, (epoch + step / steps_per_epoch) / warmup_epochs); 1 when warmup_epochs is 0.
+
+    The ramp moves every step, not once per epoch, so that the first epoch does not run at T = 0
+    throughout (with no KL cost at all, q(z1|x) drifts arbitrarily far from p(z1|y,z2)).
+    """
 
     def __init__(self, warmup_epochs: int):
         super().__init__()
         self.warmup_epochs = warmup_epochs
+        self.epoch = 0
 
-    def temperature(self, epoch: int) -> float:
+    def temperature(self, epoch: float) -> float:
         return 1.0 if self.warmup_epochs <= 0 else min(1.0, epoch / self.warmup_epochs)
 
     def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
         self.model.temperature.assign(self.temperature(epoch))
+
+    def on_train_batch_begin(self, batch, logs=None):
+        steps = self.params.get("steps")
+        if steps and self.epoch < self.warmup_epochs:
+            self.model.temperature.assign(self.temperature(self.epoch + batch / steps))
 
 
 def step_decay(learning_rate: float, decay: float, decay_epochs: int):

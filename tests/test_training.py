@@ -2,6 +2,7 @@
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from cagem_tf import CaGeM, objective
@@ -130,3 +131,28 @@ def test_learns_clusters_from_a_handful_of_labels():
     accuracy_q = np.mean(np.argmax(q_y, -1) == y_test)
     assert elbo_after > elbo_before + 2.0, (elbo_before, elbo_after)
     assert accuracy_q > 0.9 and accuracy_p > 0.5, (accuracy_p, accuracy_q)
+
+
+def test_warmup_temperature_is_linear_in_steps():
+    from cagem_tf.callbacks import KLWarmup, step_decay
+    model = tiny_cagem()
+    warmup = KLWarmup(4)
+    warmup.set_model(model)
+    warmup.set_params({"steps": 10})
+    warmup.on_epoch_begin(0)
+    assert float(model.temperature) == 0.0
+    warmup.on_train_batch_begin(5)
+    assert float(model.temperature) == pytest.approx(0.5 / 4)
+    warmup.on_epoch_begin(2)
+    warmup.on_train_batch_begin(5)
+    assert float(model.temperature) == pytest.approx(2.5 / 4)
+    warmup.on_epoch_begin(7)
+    warmup.on_train_batch_begin(3)
+    assert float(model.temperature) == 1.0
+    no_warmup = KLWarmup(0)
+    no_warmup.set_model(model)
+    no_warmup.on_epoch_begin(0)
+    assert float(model.temperature) == 1.0
+    schedule = step_decay(1e-3, 0.75, 50)
+    assert [schedule(e) for e in (0, 49, 50, 120)] == pytest.approx(
+        [1e-3, 1e-3, 0.75e-3, 0.75 ** 2 * 1e-3])

@@ -64,7 +64,11 @@ class Conditional(keras.Model):
         self.norms = [BatchNorm(momentum=bn_momentum, synchronized=synchronized_bn, name=f"bn_{i}")
                       for i in range(len(hidden))]
         self.head_names = tuple(head_units)
-        self.heads = [keras.layers.Dense(units, name=name) for name, units in head_units.items()]
+        # Scale heads start at zero (sigma = 1 everywhere): batch-normalised sparse ReLU features
+        # can otherwise give log sigma of +-10 at initialisation, and KL terms of 1e8.
+        self.heads = [keras.layers.Dense(units, name=name, kernel_initializer=(
+            "zeros" if name == "log_scale" else "glorot_uniform"))
+            for name, units in head_units.items()]
 
     def call(self, inputs, training=None, collect=True):
         if len(inputs) != self.num_inputs:

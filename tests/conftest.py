@@ -5,18 +5,31 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from cagem_tf import CaGeM  # noqa: E402
 
 
+NETWORKS = ("q_z1", "q_y", "q_z2", "p_y", "p_z1", "p_x")
+
+
 def tiny_cagem(**overrides):
-    """A CaGeM over 5 binary pixels with 1-d z1 and z2, K=2 and 8-unit hidden layers."""
+    """A CaGeM over 5 binary pixels with 1-d z1 and z2, K=2 and 8-unit hidden layers.
+
+    The log sigma heads, which start at zero in the library, get random weights here so that
+    the tests exercise scales that vary with the inputs."""
     settings = dict(image_shape=(5,), num_clusters=2, z1_dim=1, z2_dim=1, hidden_lower=(8, 8),
                     hidden_upper=(8, 8), seed=3)
     settings.update(overrides)
     keras.utils.set_random_seed(settings["seed"])  # the same weights on every run
-    return CaGeM(**settings)
+    model = CaGeM(**settings)
+    rng = np.random.default_rng(settings["seed"])
+    for name in NETWORKS:
+        for head in getattr(model, name).heads:
+            if head.name == "log_scale":
+                head.kernel.assign(rng.normal(0.0, 0.5, head.kernel.shape).astype(np.float32))
+    return model
 
 
 @pytest.fixture

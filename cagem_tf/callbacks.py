@@ -46,8 +46,9 @@ def step_decay(learning_rate: float, decay: float, decay_epochs: int):
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
-    """A tf.train checkpoint of the model (its RNG state included), the optimizer and the epoch
-    count at the end of every epoch whose loss is finite; keeps the last `keep`.
+    """A tf.train checkpoint of the model, the optimizer (whose step count seeds the training
+    noise, see `CaGeM.train_step`) and the epoch count at the end of every epoch whose loss is
+    finite; keeps the last `keep`.
 
     TensorFlow writes the checkpoint files before it updates the index, so a process killed at
     any moment leaves the previous checkpoint intact. An epoch with a NaN or inf loss is never

@@ -285,8 +285,12 @@ class CaGeM(keras.Model):
         "y_labelled". The ELBO trains every variable; the cross-entropies only
         `classifier_variables` (the tape takes their gradients with respect to those alone).
         The labelled pass normalises with batch moments but does not collect BN statistics.
+        The step's noise is seeded by (seed, optimizer step): a run restored from a checkpoint
+        continues the same random stream.
         """
-        seed_u, seed_l = tfp.random.split_seed(self._seed(None), n=2)
+        step_seed = tf.stack([tf.constant(self.seed or 0, tf.int32),
+                              tf.cast(self.optimizer.iterations, tf.int32)])
+        seed_u, seed_l = tfp.random.split_seed(step_seed, n=2)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         labelled = "x_labelled" in data and self.alpha > 0
         with tf.GradientTape(persistent=labelled) as tape:

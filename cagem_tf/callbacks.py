@@ -45,6 +45,15 @@ def step_decay(learning_rate: float, decay: float, decay_epochs: int):
     return schedule
 
 
+def model_checkpoint(model, **others) -> tf.train.Checkpoint:
+    """A tf.train.Checkpoint of every variable of `model` (and of `others`).
+
+    Keras 3 does not expose layers kept in lists as checkpoint dependencies, so the variables
+    are listed explicitly; their order is fixed by the architecture.
+    """
+    return tf.train.Checkpoint(weights=list(model.weights), **others)
+
+
 class EpochCheckpoint(keras.callbacks.Callback):
     """A tf.train checkpoint of the model, the optimizer (whose step count seeds the training
     noise, see `CaGeM.train_step`) and the epoch count at the end of every epoch whose loss is
@@ -59,8 +68,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         super().__init__()
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         model.optimizer.build(model.trainable_variables)
-        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer,
-                                              epoch=self.epoch)
+        self.checkpoint = model_checkpoint(model, optimizer=model.optimizer, epoch=self.epoch)
         self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=keep)
         self.bad_epoch = None
 

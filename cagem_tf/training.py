@@ -78,7 +78,8 @@ def load_trained(model_dir: str, checkpoint: str | None = None) -> CaGeM:
         raise rundir.RunError(f"{model_dir}: checkpoint {checkpoint or '(none yet)'} not found; "
                               "train at least one epoch or pass an existing --checkpoint")
     model = CaGeM(**rundir.read_json(path))
-    tf.train.Checkpoint(model=model).restore(checkpoint).expect_partial()
+    callbacks.model_checkpoint(model).restore(checkpoint).expect_partial() \
+        .assert_existing_objects_matched()
     return model
 
 

@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from cagem_tf import rundir, training
+from cagem_tf.callbacks import model_checkpoint
 from conftest import tiny_cagem
 from export import saved_model
 
@@ -140,7 +141,7 @@ def test_export_cli_and_sample_tool(model, tmp_path):
     run = tmp_path / "run"
     os.makedirs(run / "checkpoints")
     rundir.write_json(str(run / training.MODEL_CONFIG), model.get_config())
-    tf.train.Checkpoint(model=model).save(str(run / "checkpoints" / "ckpt"))
+    model_checkpoint(model).save(str(run / "checkpoints" / "ckpt"))
     result = subprocess.run([sys.executable, "export/main.py", f"--model_dir={run}"], cwd=ROOT,
                             env=_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -164,7 +165,7 @@ def test_restored_checkpoint_gives_the_trained_weights(model, tmp_path):
     run = tmp_path / "run"
     os.makedirs(run / "checkpoints")
     rundir.write_json(str(run / training.MODEL_CONFIG), model.get_config())
-    tf.train.Checkpoint(model=model).save(str(run / "checkpoints" / "ckpt"))
+    model_checkpoint(model).save(str(run / "checkpoints" / "ckpt"))
     restored = training.load_trained(str(run))
     for a, b in zip(model.variables, restored.variables):
         np.testing.assert_array_equal(a.numpy(), b.numpy())

@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from cagem_tf import model as model_lib
 from cagem_tf import rundir, training
+from export import saved_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--hidden_lower=16", "--hidden_upper=16", "--z1_dim=4", "--z2_dim=2", "--batch_size=50",
@@ -64,8 +65,14 @@ def test_end_to_end_run(tiny_npz, tmp_path):
     assert len(open(os.path.join(projector, "metadata.tsv")).read().split()) == 40
     assert os.listdir(os.path.join(run, "export")) == ["1"]
     loaded = tf.saved_model.load(os.path.join(run, "export", "1"))
-    out = loaded.signatures["classify"](x=tf.zeros([2, 8, 8, 1]))
-    assert out["p_y"].shape == (2, 3)
+    x = np.random.default_rng(1).random((3, 8, 8, 1)).astype(np.float32)
+    exported = loaded.signatures["classify"](x=x)["p_y"]
+    assert exported.shape == (3, 3)
+    # The last checkpoint holds every variable, batch-norm statistics included: the model
+    # restored from it answers as the export written at the end of training.
+    restored = training.load_trained(run)
+    p_y, _ = restored.classify(x, seed=tf.constant(saved_model.CLASSIFIER_SEED))
+    np.testing.assert_allclose(exported, p_y, atol=1e-5)
 
 
 def test_kill_and_resume_continues_the_epoch_count(tiny_npz, tmp_path):

@@ -1,9 +1,11 @@
 """Evaluation measures: active units, KL per unit, and the metrics of a periodic evaluation."""
 
+import os
+
+import keras
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
-
 
 tfd = tfp.distributions
 
@@ -44,36 +46,97 @@ def kl_per_unit(model, x, seed):
 
 def periodic_metrics(model, x, y, iw_samples: int, seed: int = 0, batch_size: int = 250,
                      iw_chunk: int = 100):
-    """The metrics of one evaluation on fixed images x [N,...] with labels y [N].
+    """The metrics of one evaluation during training, on fixed images x [N,...], labels y [N].
 
-    Returns a dict of floats (ELBO parts, iw_bound, errors of p(y|x) and q(y|x), active units,
-    kl per layer) and arrays (kl_z1_per_unit, kl_z2_per_unit, z2_means).
+    Returns floats (mean ELBO parts, iw_bound, error_p, error_q, active units) and arrays
+    (kl_z1_per_unit, kl_z2_per_unit, z2_means).
     """
-    sums, z1_means, z2_means, kl1, kl2 = {}, [], [], [], []
-    n = len(x)
-    for start in range(0, n, batch_size):
-        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-        s = tf.constant([seed, start], tf.int32)
+    sums = {}
+    for index, start in enumerate(range(0, len(x), batch_size)):
+        xb = x[start:start + batch_size]
+        s = tf.constant([seed, index], tf.int32)
         parts = model.elbo(xb, seed=s)
         values = {k: parts[k] for k in ("elbo", "log_px", "kl_z1", "kl_z2", "kl_y")}
         if iw_samples > 0:
             values["iw_bound"] = model.iw_bound(xb, iw_samples, iw_chunk, seed=s + 1)
-        p_y, q_y = model.classify(xb, seed=s + 2)
-        values["error_p"] = tf.cast(tf.argmax(p_y, -1) != yb, tf.float32)
-        values["error_q"] = tf.cast(tf.argmax(q_y, -1) != yb, tf.float32)
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + float(tf.reduce_sum(v))
-        z1, z2 = model.encode(xb)
-        z1_means.append(z1.numpy())
-        z2_means.append(z2.numpy())
-        a, b = kl_per_unit(model, xb, s + 3)
-        kl1.append(a * len(xb))
-        kl2.append(b * len(xb))
-    metrics = {k: v / n for k, v in sums.items()}
-    z1_means, z2_means = np.concatenate(z1_means), np.concatenate(z2_means)
-    metrics["active_units_z1"] = active_units(z1_means)[0]
-    metrics["active_units_z2"] = active_units(z2_means)[0]
-    metrics["kl_z1_per_unit"] = np.sum(kl1, 0) / n
-    metrics["kl_z2_per_unit"] = np.sum(kl2, 0) / n
-    metrics["z2_means"] = z2_means
+    metrics = {k: v / len(x) for k, v in sums.items()}
+    metrics["error_p"], metrics["error_q"] = classifier_errors(model, x, y, seed)
+    latent = latent_summary(model, x, seed)
+    metrics.update({k: latent[k] for k in ("active_units_z1", "active_units_z2")})
+    metrics["kl_z1_per_unit"] = np.array(latent["kl_z1_per_unit"])
+    metrics["kl_z2_per_unit"] = np.array(latent["kl_z2_per_unit"])
+    metrics["z2_means"] = latent["z2_means"]
     return metrics
+
+
+def _save_atomic(path: str, array) -> None:
+    tmp = f"{path}.tmp{os.getpid()}.npy"
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def iw_bounds(model, x, num_samples: int, directory: str, seed: int = 0, batch_size: int = 100,
+              chunk_size: int = 100, progress: bool = True):
+    """The IW bound log p_S(x) [N] of every image, saved to directory as it goes.
+
+    Batch b uses the seed (seed, S, b), so an evaluation that is interrupted and rerun gives
+    exactly the values of an uninterrupted one; finished batches are read back, not recomputed.
+    The file is iw_<S>.npy holding NaN for images not done yet.
+    """
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"iw_{num_samples}_seed{seed}_n{len(x)}.npy")
+    values = np.load(path) if os.path.isfile(path) else np.full([len(x)], np.nan, np.float32)
+    bound = tf.function(lambda xb, s: model.iw_bound(xb, num_samples, chunk_size, seed=s),
+                        reduce_retracing=True)
+    starts = range(0, len(x), batch_size)
+    bar = keras.utils.Progbar(len(x), unit_name="image") if progress else None
+    for index, start in enumerate(starts):
+        end = min(start + batch_size, len(x))
+        if np.isnan(values[start:end]).any():
+            s = tf.constant([seed, num_samples * 100003 + index], tf.int32)
+            values[start:end] = bound(x[start:end], s).numpy()
+            _save_atomic(path, values)
+        if bar:
+            bar.update(end, [(f"F_{num_samples}", float(np.mean(values[:end])))])
+    return values
+
+
+def classifier_errors(model, x, y, seed: int = 0, batch_size: int = 500):
+    """Test errors of p(y|x) and of q(y|x) (Monte Carlo classifiers, fixed seeds)."""
+    wrong_p = wrong_q = 0
+    for index, start in enumerate(range(0, len(x), batch_size)):
+        p_y, q_y = model.classify(x[start:start + batch_size],
+                                  seed=tf.constant([seed, index], tf.int32))
+        yb = y[start:start + batch_size]
+        wrong_p += int(np.sum(np.argmax(p_y, -1) != yb))
+        wrong_q += int(np.sum(np.argmax(q_y, -1) != yb))
+    return wrong_p / len(x), wrong_q / len(x)
+
+
+def means(model, x, batch_size: int = 500):
+    """Posterior means (z1 [N,d1], z2 [N,d2]) of `CaGeM.encode`."""
+    parts = [model.encode(x[start:start + batch_size]) for start in range(0, len(x), batch_size)]
+    return (np.concatenate([p[0].numpy() for p in parts]),
+            np.concatenate([p[1].numpy() for p in parts]))
+
+
+def latent_summary(model, x, seed: int = 0, batch_size: int = 500):
+    """Active units and KL per unit of z1 and z2, KL[q(z2|x,y) || p(z2)] as the paper quotes it
+    (summed over units, weighted by q(y|z1,x)), and the means themselves."""
+    z1_means, z2_means = means(model, x, batch_size)
+    kl1, kl2, weights = [], [], []
+    for index, start in enumerate(range(0, len(x), batch_size)):
+        xb = x[start:start + batch_size]
+        a, b = kl_per_unit(model, xb, tf.constant([seed, index], tf.int32))
+        kl1.append(a)
+        kl2.append(b)
+        weights.append(len(xb))
+    kl1 = np.average(kl1, axis=0, weights=weights)
+    kl2 = np.average(kl2, axis=0, weights=weights)
+    return {"z1_means": z1_means, "z2_means": z2_means,
+            "active_units_z1": active_units(z1_means)[0],
+            "active_units_z2": active_units(z2_means)[0],
+            "kl_z1_per_unit": kl1.tolist(), "kl_z2_per_unit": kl2.tolist(),
+            "kl_z1": float(kl1.sum()), "kl_q_z2_p_z2": float(kl2.sum())}

@@ -41,3 +41,61 @@ def write_projector(directory: str, embeddings, labels):
         f.write('model_checkpoint_path: "embedding.ckpt"\n'
                 'embeddings {\n  tensor_name: "z2_means/.ATTRIBUTES/VARIABLE_VALUE"\n'
                 '  metadata_path: "metadata.tsv"\n}\n')
+
+
+def save_png(image, path: str) -> None:
+    """An image [H,W,1] in [0,1] as a PNG file (TensorFlow's encoder)."""
+    data = tf.cast(tf.round(tf.clip_by_value(image, 0.0, 1.0) * 255), tf.uint8)
+    tf.io.write_file(path, tf.io.encode_png(data))
+
+
+def z2_mesh(model, per_side: int = 10, extent: float = 2.5, seed=(0, 0)):
+    """For dim(z2) = 2 (the paper's Figure 3): generations on a per_side x per_side mesh over
+    [-extent, extent]^2 of z2, (random y ~ p(y|z2), class-conditional blocks one per y)."""
+    if model.z2_dim != 2:
+        raise ValueError("the z2 mesh needs z2_dim = 2")
+    axis = np.linspace(-extent, extent, per_side, dtype=np.float32)
+    mesh = np.stack(np.meshgrid(axis, axis[::-1]), -1).reshape(-1, 2)
+    seed = tf.constant(seed, tf.int32)
+    random = grid(model.sample(len(mesh), z2=mesh, seed=seed)[0].numpy(), per_side)
+    blocks = [grid(model.sample(len(mesh), y=np.full(len(mesh), c, np.int32), z2=mesh,
+                                seed=seed)[0].numpy(), per_side)
+              for c in range(model.num_clusters)]
+    return random, grid(np.stack(blocks), min(5, len(blocks)))
+
+
+def pca_plot(means, labels, path: str, title: str) -> None:
+    """Scatter of the first two principal components of means [N,d], coloured by label."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    centred = np.asarray(means, np.float64) - np.mean(means, axis=0)
+    _, _, components = np.linalg.svd(centred, full_matrices=False)
+    projected = centred @ components[:2].T
+    if projected.shape[1] == 1:
+        projected = np.concatenate([projected, np.zeros_like(projected)], axis=1)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    points = ax.scatter(projected[:, 0], projected[:, 1], c=labels, cmap="tab10", s=4)
+    fig.colorbar(points, ax=ax, label="label")
+    ax.set_title(title)
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def likelihood_vs_labels(rows, path: str) -> None:
+    """The paper's Figure 4: rows of (labels, {S: F_S}) -> F_S against the number of labels."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = sorted(rows, key=lambda row: row[0])
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for s in sorted({s for _, bounds in rows for s in bounds}, key=int):
+        points = [(labels, bounds[s]) for labels, bounds in rows if s in bounds]
+        ax.plot(*zip(*points), marker="o", label=f"F_{s}")
+    ax.set_xlabel("labelled examples")
+    ax.set_ylabel("test log-likelihood bound (nats)")
+    ax.legend()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)

@@ -1,0 +1,88 @@
+"""Train and evaluate a set of flagfiles, then write one comparison table.
+
+python experiments/compare.py --flagfiles experiments/cpu_cagem100.flags,experiments/cpu_vae.flags
+    --out runs/cpu_protocol [--iw_samples 1,10,1000] [--subset 1000] [-- extra train flags]
+
+Each flagfile trains into OUT/<its name> (an existing run resumes), is evaluated with
+train/evaluate.py, and OUT/comparison.md gets one row per run (and OUT/likelihood_vs_labels.png
+the bounds against the number of labels). Wall times are recorded per run.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+flags.DEFINE_list("flagfiles", None, "Flagfiles of train/main.py, one run each.")
+flags.DEFINE_string("out", None, "Directory of the runs and of comparison.md.")
+flags.DEFINE_list("iw_samples", ["1", "10", "1000"], "Bounds F_S to evaluate.")
+flags.DEFINE_integer("subset", 1000, "Test images evaluated (the first ones; 0: all).")
+flags.mark_flags_as_required(["flagfiles", "out"])
+FLAGS = flags.FLAGS
+
+
+def run(args, log_path):
+    """Runs a command, its output appended to log_path; exits with the log's tail on failure."""
+    with open(log_path, "a") as log:
+        result = subprocess.run(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode:
+        with open(log_path) as log:
+            tail = log.read()[-1500:]
+        sys.exit(f"error: {' '.join(args[1:3])} failed (see {log_path}):\n{tail}")
+
+
+def table(rows, samples) -> str:
+    head = ["run", "labels", "K"] + [f"F_{s}" for s in samples] + [
+        "error p(y|x)", "error q(y|x)", "active z1/z2", "KL z2", "train (min)", "eval (min)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in rows:
+        cells = [name, str(r["labels"]), str(r["clusters"])]
+        cells += [f"{r['bounds'][s]['mean']:.2f} ± {r['bounds'][s]['stderr']:.2f}"
+                  for s in samples]
+        cells += [f"{100 * r[k]:.2f}%" if k in r else "-" for k in ("error_p", "error_q")]
+        cells += [f"{r['active_units_z1']}/{r['active_units_z2']}", f"{r['kl_q_z2_p_z2']:.2f}",
+                  f"{r['train_seconds'] / 60:.1f}", f"{r['eval_seconds'] / 60:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv):
+    extra = argv[1:]
+    missing = [f for f in FLAGS.flagfiles if not os.path.isfile(f)]
+    if missing:
+        sys.exit(f"error: no such flagfile: {', '.join(missing)}")
+    samples = [str(int(s)) for s in FLAGS.iw_samples]
+    os.makedirs(FLAGS.out, exist_ok=True)
+    rows = []
+    for flagfile in FLAGS.flagfiles:
+        name = os.path.splitext(os.path.basename(flagfile))[0]
+        run_dir = os.path.join(FLAGS.out, name)
+        log_path = os.path.join(FLAGS.out, f"{name}.log")
+        start = time.time()
+        run([sys.executable, "train/main.py", f"--flagfile={os.path.abspath(flagfile)}",
+             f"--model_dir={os.path.abspath(run_dir)}", *extra], log_path)
+        trained = time.time()
+        run([sys.executable, "train/evaluate.py", f"--model_dir={os.path.abspath(run_dir)}",
+             f"--iw_samples={','.join(samples)}", f"--subset={FLAGS.subset}"], log_path)
+        with open(os.path.join(run_dir, "evaluation", "results.json")) as f:
+            result = json.load(f)
+        result.update(train_seconds=trained - start, eval_seconds=time.time() - trained)
+        rows.append((name, result))
+        print(f"{name}: done", flush=True)
+    with open(os.path.join(FLAGS.out, "comparison.md"), "w") as f:
+        f.write(table(rows, samples))
+    from cagem_tf import figures
+    figures.likelihood_vs_labels(
+        [(r["labels"], {s: r["bounds"][s]["mean"] for s in samples}) for _, r in rows],
+        os.path.join(FLAGS.out, "likelihood_vs_labels.png"))
+    print(table(rows, samples))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,148 @@
+"""Evaluation: active units, KL per unit, resumable IW bounds, figures, evaluate CLI, driver."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from cagem_tf import evaluation, figures, objective, training
+from conftest import tiny_cagem
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _x(n, d=5, seed=0):
+    return np.random.default_rng(seed).integers(0, 2, (n, d)).astype(np.float32)
+
+
+def test_active_units_criterion():
+    rng = np.random.default_rng(0)
+    means = np.concatenate([rng.normal(0, 1, (500, 3)), rng.normal(0, 0.03, (500, 4))], 1)
+    count, variance = evaluation.active_units(means)
+    assert count == 3 and variance.shape == (7,)
+
+
+def test_active_units_of_an_encoder_with_known_dimensions():
+    """q(z1|x) whose mean head ignores its input for units 2 and 3: exactly 2 units active."""
+    model = tiny_cagem(z1_dim=4)
+    loc = model.q_z1.heads[0]
+    kernel = loc.kernel.numpy()
+    kernel[:, 2:] = 0.0
+    kernel[:, :2] *= 5.0
+    loc.kernel.assign(kernel)
+    z1_means, _ = evaluation.means(model, _x(400))
+    assert evaluation.active_units(z1_means)[0] == 2
+
+
+def test_kl_per_unit_sums_to_the_elbo_terms():
+    model = tiny_cagem(num_clusters=3, z1_dim=3, z2_dim=2)
+    x, seed = _x(50), tf.constant([3, 1])
+    kl_z1, kl_z2 = evaluation.kl_per_unit(model, x, seed)
+    parts = objective.elbo(model.latent_terms(x, 1, seed))
+    assert kl_z1.shape == (3,) and kl_z2.shape == (2,)
+    assert kl_z1.sum() == pytest.approx(float(tf.reduce_mean(parts["kl_z1"])), rel=1e-4)
+    assert kl_z2.sum() == pytest.approx(float(tf.reduce_mean(parts["kl_z2"])), rel=1e-4)
+    assert np.all(kl_z2 > 0)
+
+
+def test_interrupted_evaluation_resumes_to_the_same_result(tmp_path):
+    model = tiny_cagem()
+    x = _x(50)
+    whole = evaluation.iw_bounds(model, x, 20, str(tmp_path / "a"), batch_size=10,
+                                 progress=False)
+    assert not np.isnan(whole).any()
+    # An interrupted run: the first three batches saved (marked by sentinels), the rest not.
+    partial = np.full(50, np.nan, np.float32)
+    partial[:30] = 123.0
+    os.makedirs(tmp_path / "b")
+    name = os.path.basename([f for f in os.listdir(tmp_path / "a") if f.endswith(".npy")][0])
+    np.save(tmp_path / "b" / name, partial)
+    resumed = evaluation.iw_bounds(model, x, 20, str(tmp_path / "b"), batch_size=10,
+                                   progress=False)
+    np.testing.assert_array_equal(resumed[:30], 123.0)   # finished batches are not redone
+    np.testing.assert_array_equal(resumed[30:], whole[30:])
+    again = evaluation.iw_bounds(model, x, 20, str(tmp_path / "c"), batch_size=10,
+                                 progress=False)
+    np.testing.assert_array_equal(again, whole)
+
+
+def _png_shape(path):
+    return tuple(tf.io.decode_png(tf.io.read_file(str(path))).shape)
+
+
+def test_figures_have_the_expected_sizes(tmp_path):
+    from train.evaluate import write_figures
+    model = tiny_cagem(image_shape=(6, 6, 1), num_clusters=3, z1_dim=3, z2_dim=2)
+    x = _x(30, 36).reshape(30, 6, 6, 1)
+    latent = evaluation.latent_summary(model, x)
+    write_figures(model, x, np.arange(30) % 3, latent, str(tmp_path), str(tmp_path / "tb"), 0)
+    assert _png_shape(tmp_path / "samples.png") == (60, 60, 1)
+    assert _png_shape(tmp_path / "class_conditional.png") == (18, 60, 1)
+    assert _png_shape(tmp_path / "reconstructions.png") == (12, 60, 1)
+    assert _png_shape(tmp_path / "z2_mesh.png") == (60, 60, 1)
+    assert _png_shape(tmp_path / "z2_mesh_class_conditional.png") == (60, 180, 1)
+    for name in ("pca_z1.png", "pca_z2.png"):
+        height, width, _ = _png_shape(tmp_path / name)
+        assert height > 200 and width > 200
+    figures.likelihood_vs_labels([(0, {"1": -90.0, "10": -88.0}), (100, {"1": -87.0,
+                                                                           "10": -86.0})],
+                                 str(tmp_path / "ll.png"))
+    assert _png_shape(tmp_path / "ll.png")[0] > 200
+    assert os.listdir(tmp_path / "tb")
+
+
+@pytest.fixture(scope="module")
+def tiny_npz(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    prototypes = rng.random((3, 6, 6)) < 0.4
+    y = np.arange(400) % 3
+    x = ((prototypes[y] ^ (rng.random((400, 6, 6)) < 0.1)) * 255).astype(np.uint8)
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    np.savez(path, x_train=x[:300], y_train=y[:300], x_test=x[300:], y_test=y[300:])
+    return str(path)
+
+
+def _tiny_flags(labels):
+    return [f"--labels={labels}", "--hidden_lower=8", "--hidden_upper=8", "--z1_dim=2",
+            "--z2_dim=2", "--batch_size=100", "--epochs=1", "--eval_every=0", "--verbose=0"]
+
+
+def test_evaluate_writes_results(tiny_npz, tmp_path):
+    from train.evaluate import evaluate
+    run = str(tmp_path / "run")
+    config = {**training.DEFAULTS, "dataset": tiny_npz, "model_dir": run, "epochs": 1,
+              "labels": 6, "hidden_lower": [8, 8], "hidden_upper": [8, 8], "z1_dim": 2,
+              "z2_dim": 2, "eval_every": 0, "verbose": 0}
+    training.train(config, log=lambda m: None)
+    results = evaluate(run, iw_samples=(1, 10), subset=40, batch_size=20, progress=False,
+                       log=lambda m: None)
+    saved = json.load(open(os.path.join(run, "evaluation", "results.json")))
+    assert saved["images"] == 40 and set(saved["bounds"]) == {"1", "10"}
+    assert saved["bounds"]["10"]["mean"] >= saved["bounds"]["1"]["mean"] - 3 * (
+        saved["bounds"]["1"]["stderr"] + saved["bounds"]["10"]["stderr"])
+    assert 0 <= saved["error_p"] <= 1 and len(saved["kl_z2_per_unit"]) == 2
+    assert results["bounds"] == saved["bounds"]
+    assert "F_10" in open(os.path.join(run, "evaluation", "results.md")).read()
+
+
+def test_driver_on_two_tiny_configurations(tiny_npz, tmp_path):
+    files = []
+    for name, labels in (("semi", 6), ("unsup", 0)):
+        path = tmp_path / f"{name}.flags"
+        path.write_text("\n".join(_tiny_flags(labels)) + "\n")
+        files.append(str(path))
+    out = tmp_path / "out"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run([sys.executable, "experiments/compare.py",
+                             f"--flagfiles={','.join(files)}", f"--out={out}",
+                             "--iw_samples=1,5", "--subset=30", "--", f"--dataset={tiny_npz}"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = open(out / "comparison.md").read().splitlines()
+    assert rows[0].startswith("| run | labels | K | F_1 | F_5 |")
+    assert [r.split("|")[1].strip() for r in rows[2:]] == ["semi", "unsup"]
+    assert os.path.isfile(out / "likelihood_vs_labels.png")

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cagem_tf import evaluation, figures
+from cagem_tf import evaluation, figures, rundir
 
 
 class KLWarmup(keras.callbacks.Callback):
@@ -76,7 +76,12 @@ class EpochCheckpoint(keras.callbacks.Callback):
         """Restores `path` (default: the latest checkpoint); returns the epochs done (0: none)."""
         path = path or self.manager.latest_checkpoint
         if path:
-            self.checkpoint.restore(path).assert_existing_objects_matched()
+            try:
+                self.checkpoint.restore(path).assert_existing_objects_matched()
+            except (AssertionError, ValueError, tf.errors.OpError) as e:
+                raise rundir.RunError(f"{path} does not match this run's model and optimizer "
+                                      f"({type(e).__name__}); add --fresh to start over (the "
+                                      "old run is kept)") from None
         return int(self.epoch.numpy())
 
     def on_epoch_end(self, epoch, logs=None):

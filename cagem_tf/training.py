@@ -78,8 +78,13 @@ def load_trained(model_dir: str, checkpoint: str | None = None) -> CaGeM:
         raise rundir.RunError(f"{model_dir}: checkpoint {checkpoint or '(none yet)'} not found; "
                               "train at least one epoch or pass an existing --checkpoint")
     model = CaGeM(**rundir.read_json(path))
-    callbacks.model_checkpoint(model).restore(checkpoint).expect_partial() \
-        .assert_existing_objects_matched()
+    try:
+        callbacks.model_checkpoint(model).restore(checkpoint).expect_partial() \
+            .assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as e:
+        raise rundir.RunError(f"{checkpoint} does not hold the variables of the model in "
+                              f"{path} ({type(e).__name__}); was it written by another "
+                              "version or run?") from None
     return model
 
 

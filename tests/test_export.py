@@ -169,3 +169,13 @@ def test_restored_checkpoint_gives_the_trained_weights(model, tmp_path):
     restored = training.load_trained(str(run))
     for a, b in zip(model.variables, restored.variables):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_checkpoint_of_another_model_is_refused_in_one_line(model, tmp_path):
+    run = tmp_path / "run"
+    os.makedirs(run / "checkpoints")
+    rundir.write_json(str(run / training.MODEL_CONFIG), {**model.get_config(), "z1_dim": 5})
+    model_checkpoint(model).save(str(run / "checkpoints" / "ckpt"))
+    with pytest.raises(rundir.RunError, match="does not hold the variables") as error:
+        training.load_trained(str(run))
+    assert "\n" not in str(error.value)

@@ -78,17 +78,19 @@ def _save_atomic(path: str, array) -> None:
 
 
 def iw_bounds(model, x, num_samples: int, directory: str, seed: int = 0, batch_size: int = 100,
-              chunk_size: int = 100, progress: bool = True):
+              chunk_size: int = 100, progress: bool = True, estimator: str = "exact"):
     """The IW bound log p_S(x) [N] of every image, saved to directory as it goes.
 
     Batch b uses the seed (seed, S, b), so an evaluation that is interrupted and rerun gives
     exactly the values of an uninterrupted one; finished batches are read back, not recomputed.
-    The file is iw_<S>.npy holding NaN for images not done yet.
+    The file, named by the settings, holds NaN for images not done yet. `estimator` is that of
+    `CaGeM.iw_bound`.
     """
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, f"iw_{num_samples}_seed{seed}_n{len(x)}.npy")
+    path = os.path.join(directory, f"iw_{estimator}_{num_samples}_seed{seed}_n{len(x)}.npy")
     values = np.load(path) if os.path.isfile(path) else np.full([len(x)], np.nan, np.float32)
-    bound = tf.function(lambda xb, s: model.iw_bound(xb, num_samples, chunk_size, seed=s),
+    bound = tf.function(lambda xb, s: model.iw_bound(xb, num_samples, chunk_size, seed=s,
+                                                     estimator=estimator),
                         reduce_retracing=True)
     starts = range(0, len(x), batch_size)
     bar = keras.utils.Progbar(len(x), unit_name="image") if progress else None

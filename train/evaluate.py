@@ -23,6 +23,9 @@ flags.DEFINE_integer("batch_size", 100, "Images per IW batch (the unit of saved 
 flags.DEFINE_integer("chunk_size", 100, "Importance samples per chunk (memory).")
 flags.DEFINE_enum("split", "test", ["test", "validation"], "test: the data set's test split; "
                   "validation: the run's --validation hold-out.")
+flags.DEFINE_enum("iw_estimator", "exact", ["exact", "sampled"], "exact: y summed inside "
+                  "every importance weight; sampled: y ~ q(y|z1,x) per sample (cheaper, "
+                  "more variance).")
 flags.DEFINE_bool("figures", True, "Write the figures.")
 flags.DEFINE_integer("seed", 0, "Seed of the evaluation's sampling.")
 flags.mark_flag_as_required("model_dir")
@@ -30,7 +33,8 @@ FLAGS = flags.FLAGS
 
 
 def evaluate(model_dir, checkpoint=None, iw_samples=(1, 10, 5000), subset=0, batch_size=100,
-             chunk_size=100, split="test", figures=True, seed=0, progress=True, log=print):
+             chunk_size=100, split="test", figures=True, seed=0, progress=True, log=print,
+             iw_estimator="exact"):
     """Evaluates the run in `model_dir`; returns the results dict also written to disk."""
     import numpy as np
     import tensorflow as tf
@@ -57,10 +61,11 @@ def evaluate(model_dir, checkpoint=None, iw_samples=(1, 10, 5000), subset=0, bat
 
     results = {"split": split, "images": n, "checkpoint": checkpoint or
                tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")),
-               "labels": config["labels"], "clusters": model.num_clusters, "bounds": {}}
+               "labels": config["labels"], "clusters": model.num_clusters,
+               "iw_estimator": iw_estimator, "bounds": {}}
     for s in iw_samples:
         values = evaluation.iw_bounds(model, x, s, os.path.join(out_dir, "partial"), seed,
-                                      batch_size, chunk_size, progress)
+                                      batch_size, chunk_size, progress, iw_estimator)
         results["bounds"][str(s)] = {"mean": float(np.mean(values)),
                                      "stderr": float(np.std(values) / np.sqrt(n))}
     if config["labels"]:
@@ -79,7 +84,8 @@ def evaluate(model_dir, checkpoint=None, iw_samples=(1, 10, 5000), subset=0, bat
 
 def markdown(results) -> str:
     lines = [f"{results['split']} images: {results['images']}, checkpoint "
-             f"{os.path.basename(results['checkpoint'] or '')}", "",
+             f"{os.path.basename(results['checkpoint'] or '')}, IW estimator "
+             f"{results['iw_estimator']}", "",
              "| measure | value |", "|---|---|"]
     for s, bound in results["bounds"].items():
         lines.append(f"| F_{s} (nats) | {bound['mean']:.2f} ± {bound['stderr']:.2f} |")
@@ -126,7 +132,8 @@ def main(argv):
         sys.exit(f"error: --iw_samples {','.join(FLAGS.iw_samples)}: give integers, e.g. 1,10,5000")
     try:
         evaluate(FLAGS.model_dir, FLAGS.checkpoint, samples, FLAGS.subset, FLAGS.batch_size,
-                 FLAGS.chunk_size, FLAGS.split, FLAGS.figures, FLAGS.seed)
+                 FLAGS.chunk_size, FLAGS.split, FLAGS.figures, FLAGS.seed,
+                 iw_estimator=FLAGS.iw_estimator)
     except (data.DataError, rundir.RunError) as e:
         sys.exit(f"error: {e}")
 

@@ -32,6 +32,12 @@ class BatchNorm(keras.layers.BatchNormalization):
         # Any rank: the enumeration over y and the sample dims add leading axes.
         self.input_spec = keras.InputSpec(min_ndim=2, axes={-1: input_shape[-1]})
 
+    def _moments(self, inputs, mask):
+        # Every axis but the features is a batch axis (the enumeration over y, the samples),
+        # whatever the rank of the input that built the layer.
+        return keras.ops.moments(inputs, axes=list(range(len(inputs.shape) - 1)),
+                                 synchronized=self.synchronized)
+
     def call(self, inputs, training=None, mask=None, collect=True):
         if training and self.trainable and not collect:
             mean, variance = self._moments(inputs, mask)
@@ -63,7 +69,6 @@ class Conditional(keras.Model):
         # synchronized: moments over the global batch when replicas split it.
         self.norms = [BatchNorm(momentum=bn_momentum, synchronized=synchronized_bn, name=f"bn_{i}")
                       for i in range(len(hidden))]
-        self.head_names = tuple(head_units)
         # Scale heads start at zero (sigma = 1 everywhere): batch-normalised sparse ReLU features
         # can otherwise give log sigma of +-10 at initialisation, and KL terms of 1e8.
         self.heads = [keras.layers.Dense(units, name=name, kernel_initializer=(

@@ -156,3 +156,15 @@ def test_warmup_temperature_is_linear_in_steps():
     schedule = step_decay(1e-3, 0.75, 50)
     assert [schedule(e) for e in (0, 49, 50, 120)] == pytest.approx(
         [1e-3, 1e-3, 0.75e-3, 0.75 ** 2 * 1e-3])
+
+
+def test_batch_norm_moments_cover_every_leading_axis():
+    """Built on rank 2, called on rank 3: the moments are over the sample and batch axes."""
+    from cagem_tf.networks import BatchNorm
+    norm = BatchNorm()
+    norm(tf.zeros([4, 3]), training=False)
+    x = tf.random.stateless_normal([5, 7, 3], seed=[1, 2]) * 3.0 + 2.0
+    for collect in (True, False):
+        out = norm(x, training=True, collect=collect).numpy()
+        np.testing.assert_allclose(out.mean(axis=(0, 1)), 0.0, atol=1e-5)
+        np.testing.assert_allclose(out.std(axis=(0, 1)), 1.0, atol=1e-2)

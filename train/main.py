@@ -21,7 +21,7 @@ flags.DEFINE_string("dataset", D["dataset"], "tfds name (mnist, fashion_mnist, k
 flags.DEFINE_integer("labels", D["labels"], "Labelled training points, the same number per "
                      "class; 0 trains unsupervised.")
 flags.DEFINE_integer("clusters", D["clusters"], "K, the values of y; 0 means the number of "
-                     "classes (required when --labels > 0).")
+                     "classes, the only K allowed when --labels > 0.")
 flags.DEFINE_integer("epochs", D["epochs"], "Epochs (passes over the training set) in all, "
                      "counting those of a resumed run.")
 flags.DEFINE_integer("batch_size", D["batch_size"], "Unlabelled examples per step.")

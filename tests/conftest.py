@@ -35,3 +35,16 @@ def tiny_cagem(**overrides):
 @pytest.fixture
 def tiny():
     return tiny_cagem()
+
+
+def clustered_npz(path, side: int, n_train: int, n_test: int) -> str:
+    """An .npz data set of three clusters: random binary prototypes of side x side pixels with
+    10% of the pixels flipped, ink 255; labels 0-2 in turn."""
+    rng = np.random.default_rng(0)
+    prototypes = rng.random((3, side, side)) < 0.4
+    n = n_train + n_test
+    y = np.arange(n) % 3
+    x = ((prototypes[y] ^ (rng.random((n, side, side)) < 0.1)) * 255).astype(np.uint8)
+    np.savez(path, x_train=x[:n_train], y_train=y[:n_train], x_test=x[n_train:],
+             y_test=y[n_train:])
+    return str(path)

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from cagem_tf import evaluation, figures, objective, training
-from conftest import tiny_cagem
+from conftest import clustered_npz, tiny_cagem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,13 +97,7 @@ def test_figures_have_the_expected_sizes(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_npz(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    prototypes = rng.random((3, 6, 6)) < 0.4
-    y = np.arange(400) % 3
-    x = ((prototypes[y] ^ (rng.random((400, 6, 6)) < 0.1)) * 255).astype(np.uint8)
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    np.savez(path, x_train=x[:300], y_train=y[:300], x_test=x[300:], y_test=y[300:])
-    return str(path)
+    return clustered_npz(tmp_path_factory.mktemp("data") / "tiny.npz", 6, 300, 100)
 
 
 def _tiny_flags(labels):

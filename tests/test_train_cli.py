@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from cagem_tf import model as model_lib
 from cagem_tf import rundir, training
+from conftest import clustered_npz
 from export import saved_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,13 +25,7 @@ TINY = ["--hidden_lower=16", "--hidden_upper=16", "--z1_dim=4", "--z2_dim=2", "-
 
 @pytest.fixture(scope="module")
 def tiny_npz(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    prototypes = rng.random((3, 8, 8)) < 0.4
-    y = np.arange(700) % 3
-    x = ((prototypes[y] ^ (rng.random((700, 8, 8)) < 0.1)) * 255).astype(np.uint8)
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    np.savez(path, x_train=x[:600], y_train=y[:600], x_test=x[600:], y_test=y[600:])
-    return str(path)
+    return clustered_npz(tmp_path_factory.mktemp("data") / "tiny.npz", 8, 600, 100)
 
 
 def run_cli(*args, script="train/main.py", timeout=300):

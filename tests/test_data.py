@@ -1,7 +1,6 @@
 """Data sources, labelled subsets, binarization and the training streams."""
 
 import gzip
-import itertools
 import os
 import struct
 

@@ -7,9 +7,9 @@ import sys
 # Run as a script from a checkout: make the repository root importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 
-from cagem_tf import training  # noqa: E402
+from cagem_tf import cli, training  # noqa: E402
 from export import saved_model  # noqa: E402
 
 flags.DEFINE_string("model_dir", None, "Run directory written by train/main.py.")
@@ -21,10 +21,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-    if len(argv) > 1:
-        sys.exit(f"error: unexpected arguments {' '.join(argv[1:])}")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    cli.start(argv)
     try:
         model = training.load_trained(FLAGS.model_dir, FLAGS.checkpoint)
         path = saved_model.export(model, FLAGS.export_dir or os.path.join(FLAGS.model_dir,

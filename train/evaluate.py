@@ -11,9 +11,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 
-from cagem_tf import data, evaluation, rundir, training  # noqa: E402
+from cagem_tf import cli, data, evaluation, rundir, training  # noqa: E402
 
 flags.DEFINE_string("model_dir", None, "Run directory written by train/main.py.")
 flags.DEFINE_string("checkpoint", None, "Checkpoint prefix; default: the latest.")
@@ -122,10 +122,7 @@ def write_figures(model, x, y, latent, out_dir, log_dir, seed):
 
 
 def main(argv):
-    if len(argv) > 1:
-        sys.exit(f"error: unexpected arguments {' '.join(argv[1:])}")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    cli.start(argv)
     try:
         samples = [int(s) for s in FLAGS.iw_samples]
     except ValueError:

@@ -9,9 +9,9 @@ import sys
 # Run as a script from a checkout: make the repository root importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 
-from cagem_tf import training  # noqa: E402
+from cagem_tf import cli, training  # noqa: E402
 from export import saved_model  # noqa: E402
 
 D = training.DEFAULTS
@@ -83,10 +83,7 @@ def config_from_flags() -> dict:
 
 
 def main(argv):
-    if len(argv) > 1:
-        sys.exit(f"error: unexpected arguments {' '.join(argv[1:])}; flags look like --labels 20")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    cli.start(argv, "; flags look like --labels 20")
     try:
         training.train(config_from_flags(), exporter=saved_model.export)
     except (training.data.DataError, training.rundir.RunError, training.TrainingError,

@@ -1,11 +1,17 @@
-"""Throughput of the data pipeline, the CaGeM train step and the IW bound; prints a Markdown table.
+"""Speed and memory of the data pipeline, the CaGeM train step and the IW bound; prints Markdown.
 
-python bench/throughput.py [--dataset mnist|PATH] [--sizes 1024x512,500x256] [--clusters 10]
-                           [--steps 40] [--iw_samples 5000] [--iw_images 4]
+python bench/throughput.py [--suite full|quick] [--dataset mnist|PATH] [--steps 30]
+                           [--iw_images 4] [--only train,iw,...]
 
-Each model measurement runs in a fresh subprocess, so that the peak resident memory it reports
-(ru_maxrss) belongs to that configuration alone. Timings exclude tracing: the first epoch of a
-fit (or the first call of a tf.function) is run and discarded.
+Tables: the data pipeline alone; the dense matmul rate of this CPU through TensorFlow; the train
+step (examples/s, the analytic FLOPs of bench/flops.py, the fraction of the matmul rate measured on
+the step's own matmul shapes, peak memory) against K, hidden sizes, batch size, thread settings,
+XLA, and the straightforward reference of bench/reference.py; the IW bound (test images/s and
+the projected time for the 10,000 MNIST test images) against estimator, S, chunk size, images
+per call, K and XLA.
+
+Each row runs in a fresh subprocess, so that its peak resident memory (ru_maxrss) and its thread
+settings are its own. Timings exclude tracing: a first call is run and discarded.
 """
 
 import json
@@ -20,20 +26,65 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+flags.DEFINE_enum("suite", "full", ["full", "quick"], "full: every row of docs/performance.md; "
+                  "quick: one row per table at small size (a smoke run).")
+flags.DEFINE_list("only", [], "Tables to run (pipeline, matmul, train, iw); default all.")
 flags.DEFINE_string("dataset", None, "Data for the pipeline measurement (a data.load name or "
                     "path); default: random MNIST-shaped images.")
 flags.DEFINE_string("manual_dir", None, "tfds manual_dir for --dataset.")
 flags.DEFINE_string("data_dir", None, "tfds data_dir for --dataset.")
-flags.DEFINE_list("sizes", ["1024x512", "500x256"], "hidden_lower x hidden_upper widths.")
-flags.DEFINE_list("clusters", ["10"], "Values of K.")
-flags.DEFINE_integer("batch_size", 100, "Unlabelled batch size of the train step.")
-flags.DEFINE_integer("labels", 100, "Labelled examples (labelled batch min(100, labels)).")
-flags.DEFINE_integer("steps", 40, "Timed train steps per configuration.")
-flags.DEFINE_integer("iw_samples", 5000, "Importance samples per test image; 0 skips.")
-flags.DEFINE_integer("iw_images", 4, "Test images timed for the IW bound.")
-flags.DEFINE_integer("iw_chunk", 100, "Samples per chunk of the IW bound.")
+flags.DEFINE_integer("steps", 30, "Timed train steps per row.")
+flags.DEFINE_integer("iw_images", 4, "Test images per call of the IW bound (default rows).")
+flags.DEFINE_integer("repeats", 2, "Timed calls of the IW bound per row.")
 flags.DEFINE_string("_child", None, "Internal: one measurement as JSON.")
 FLAGS = flags.FLAGS
+
+PAPER = {"lower": 1024, "upper": 512}
+SMALL = {"lower": 500, "upper": 256}
+TRAIN = {"clusters": 10, "batch": 100, "labels": 100, "intra": 0, "inter": 0, "xla": False,
+         "tiled": False}
+IW = {"clusters": 10, "estimator": "exact", "samples": 5000, "chunk": 100, "images": None,
+      "xla": False, "intra": 0, "inter": 0}
+TEST_IMAGES = 10000
+
+
+def suite():
+    """The rows: (table, spec) with spec overriding the defaults above."""
+    if FLAGS.suite == "quick":
+        tiny = {"lower": 64, "upper": 32}
+        return [("pipeline", {}), ("matmul", {}), ("train", {**tiny}),
+                ("train", {**tiny, "tiled": True}), ("iw", {**tiny, "samples": 200}),
+                ("iw", {**tiny, "samples": 200, "estimator": "sampled"})]
+    rows = [("pipeline", {}), ("matmul", {})]
+    for size in (PAPER, SMALL):
+        for k in (10, 20, 50):
+            rows.append(("train", {**size, "clusters": k}))
+        rows.append(("train", {**size, "tiled": True}))
+    rows += [("train", {**PAPER, "batch": b}) for b in (50, 200, 500)]
+    rows += [("train", {**PAPER, "intra": i, "inter": j}) for i, j in ((1, 1), (2, 1), (1, 2))]
+    rows += [("train", {**PAPER, "xla": True})]
+    for size in (PAPER, SMALL):
+        for estimator in ("exact", "sampled"):
+            rows.append(("iw", {**size, "estimator": estimator}))
+    rows += [("iw", {**PAPER, "clusters": k}) for k in (20, 50)]
+    rows += [("iw", {**PAPER, "estimator": "sampled", "clusters": k}) for k in (20, 50)]
+    rows += [("iw", {**PAPER, "chunk": c}) for c in (25, 500)]
+    rows += [("iw", {**PAPER, "estimator": "sampled", "chunk": c}) for c in (500, 1000)]
+    rows += [("iw", {**PAPER, "images": n}) for n in (1, 16)]
+    rows += [("iw", {**PAPER, "samples": 1000})]
+    rows += [("iw", {**PAPER, "xla": True}),
+             ("iw", {**PAPER, "estimator": "sampled", "xla": True})]
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Measurements (each in its own process)
+def _threads(spec):
+    import tensorflow as tf
+    if spec.get("intra"):
+        tf.config.threading.set_intra_op_parallelism_threads(spec["intra"])
+    if spec.get("inter"):
+        tf.config.threading.set_inter_op_parallelism_threads(spec["inter"])
 
 
 def _mnist_like():
@@ -48,94 +99,193 @@ def _mnist_like():
                           "y_test": y[:10000]}, "random")
 
 
-def measure_pipeline():
+def measure_pipeline(spec):
     from cagem_tf import data
     arrays = _mnist_like()
-    labelled = data.labelled_indices(arrays.y_train, FLAGS.labels, arrays.num_classes, 0)
-    streams = data.streams(arrays, labelled, FLAGS.batch_size)
+    labelled = data.labelled_indices(arrays.y_train, TRAIN["labels"], arrays.num_classes, 0)
+    streams = data.streams(arrays, labelled, TRAIN["batch"])
     for _ in streams.train.take(5):
         pass
     start = time.perf_counter()
     steps = sum(1 for _ in streams.train)
     seconds = time.perf_counter() - start
-    return {"what": "data pipeline (one epoch, with labelled batches)",
-            "examples_per_s": steps * FLAGS.batch_size / seconds}
+    return {"examples_per_s": steps * TRAIN["batch"] / seconds}
 
 
-def measure_model(spec):
+def _time(fn, repeats):
+    fn()  # tracing
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def matmul_seconds(matmuls, repeats=10):
+    """Seconds for exactly the given matmuls (forward, kernel and input gradients) in one
+    tf.function, on random inputs of their shapes."""
+    import tensorflow as tf
+    rng = tf.random.Generator.from_seed(0)
+    products = []
+    for m in matmuls:
+        a, w = rng.normal([m.rows, m.n_in]), rng.normal([m.n_in, m.n_out])
+        g = rng.normal([m.rows, m.n_out])
+        products.append((a, w, False, False))
+        if m.grad_kernel:
+            products.append((a, g, True, False))                  # a^T g  [n_in, n_out]
+        if m.grad_input:
+            products.append((g, w, False, True))                  # g w^T  [rows, n_in]
+
+    @tf.function
+    def run():
+        # One element of each product keeps every matmul without copying the results out.
+        return tf.add_n([tf.matmul(a, b, transpose_a=ta, transpose_b=tb)[0, 0]
+                         for a, b, ta, tb in products])
+
+    return _time(lambda: run().numpy(), repeats)
+
+
+def measure_matmul(spec):
+    from bench.flops import Matmul
+    out = {}
+    for n in (512, 1024, 2048):
+        square = [Matmul("square", n, n, n, False, False)]
+        out[f"square_{n}_gflops"] = 2 * n ** 3 / matmul_seconds(square) / 1e9
+    return out
+
+
+def _config(spec):
+    from cagem_tf import CaGeM
+    return CaGeM(num_clusters=spec["clusters"], hidden_lower=spec["lower"],
+                 hidden_upper=spec["upper"], seed=0)
+
+
+def measure_train(spec):
+    _threads(spec)
     import keras
     import numpy as np
     import tensorflow as tf
+    from bench.flops import total_macs, train_matmuls
+    from bench.reference import TiledCaGeM
     from cagem_tf import CaGeM
-    lower, upper, K = spec["lower"], spec["upper"], spec["clusters"]
-    model = CaGeM(num_clusters=K, hidden_lower=lower, hidden_upper=upper, seed=0)
+    cls = TiledCaGeM if spec["tiled"] else CaGeM
+    model = cls(num_clusters=spec["clusters"], hidden_lower=spec["lower"],
+                hidden_upper=spec["upper"], seed=0)
     rng = np.random.default_rng(0)
-    n_l = min(100, FLAGS.labels)
-    batch = {"x": (rng.random((FLAGS.batch_size, 28, 28, 1)) < 0.2).astype(np.float32)}
-    if n_l:
-        batch["x_labelled"] = (rng.random((n_l, 28, 28, 1)) < 0.2).astype(np.float32)
-        batch["y_labelled"] = (np.arange(n_l) % K).astype(np.int32)
-    model.compile(keras.optimizers.Adam(1e-3), alpha=1.0 if n_l else 0.0)
+    B, L, K = spec["batch"], min(100, spec["labels"]), spec["clusters"]
+    batch = {"x": (rng.random((B, 28, 28, 1)) < 0.2).astype(np.float32)}
+    if L:
+        batch["x_labelled"] = (rng.random((L, 28, 28, 1)) < 0.2).astype(np.float32)
+        batch["y_labelled"] = (np.arange(L) % K).astype(np.int32)
+    model.compile(keras.optimizers.Adam(1e-3), alpha=1.0 if L else 0.0,
+                  jit_compile=spec["xla"])
     data = tf.data.Dataset.from_tensors(batch).repeat()
     model.fit(data, steps_per_epoch=3, epochs=1, verbose=0)  # tracing
     start = time.perf_counter()
     model.fit(data, steps_per_epoch=FLAGS.steps, epochs=1, verbose=0)
-    seconds = time.perf_counter() - start
-    result = {"what": f"train step, hidden {lower}/{upper}, K={K}",
-              "examples_per_s": FLAGS.steps * FLAGS.batch_size / seconds,
-              "epoch_s_mnist": 60000 / (FLAGS.steps * FLAGS.batch_size / seconds)}
-    if FLAGS.iw_samples:
-        x = tf.constant(batch["x"][:FLAGS.iw_images])
-        bound = tf.function(lambda x: model.iw_bound(x, FLAGS.iw_samples, FLAGS.iw_chunk,
-                                                     seed=tf.constant([0, 0])))
-        bound(x[:1]).numpy()
-        bound(x).numpy()  # traced for this batch shape
-        start = time.perf_counter()
-        bound(x).numpy()
-        seconds = time.perf_counter() - start
-        result["iw_images_per_s"] = FLAGS.iw_images / seconds
-        result["iw_full_test_h"] = 10000 * seconds / FLAGS.iw_images / 3600
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return result
+    seconds = (time.perf_counter() - start) / FLAGS.steps
+    matmuls = train_matmuls(model.get_config(), B, L, tiled=spec["tiled"])
+    flops = 2 * total_macs(matmuls)
+    matmul_s = matmul_seconds(matmuls)
+    return {"examples_per_s": B / seconds, "epoch_s": 60000 / (B / seconds),
+            "gflop_per_step": flops / 1e9, "gflops": flops / seconds / 1e9,
+            "matmul_gflops": flops / matmul_s / 1e9, "fraction": matmul_s / seconds,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def child(spec_json):
-    spec = json.loads(spec_json)
-    result = measure_pipeline() if spec["kind"] == "pipeline" else measure_model(spec)
-    print("RESULT" + json.dumps(result))
+def measure_iw(spec):
+    _threads(spec)
+    import numpy as np
+    import tensorflow as tf
+    from bench.flops import iw_matmuls, total_macs
+    model = _config(spec)
+    n = spec["images"] or FLAGS.iw_images
+    x = tf.constant((np.random.default_rng(0).random((n, 784)) < 0.2).astype(np.float32))
+    bound = tf.function(lambda x: model.iw_bound(x, spec["samples"], spec["chunk"],
+                                                 seed=tf.constant([0, 0]),
+                                                 estimator=spec["estimator"]),
+                        jit_compile=spec["xla"])
+    seconds = _time(lambda: bound(x).numpy(), FLAGS.repeats)
+    flops = 2 * total_macs(iw_matmuls(model.get_config(), n, spec["samples"],
+                                      spec["estimator"]))
+    return {"images_per_s": n / seconds, "full_test_h": TEST_IMAGES * seconds / n / 3600,
+            "gflops": flops / seconds / 1e9,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def run_child(spec):
+def child(payload):
+    table, spec = json.loads(payload)
+    measure = {"pipeline": measure_pipeline, "matmul": measure_matmul, "train": measure_train,
+               "iw": measure_iw}[table]
+    print("RESULT" + json.dumps(measure(spec)))
+
+
+def run_child(table, spec):
     args = [sys.executable, os.path.abspath(__file__), *sys.argv[1:],
-            f"--_child={json.dumps(spec)}"]
+            f"--_child={json.dumps([table, spec])}"]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     out = subprocess.run(args, capture_output=True, text=True, env=env)
-    lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT")]
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT")]
     if not lines:
-        sys.exit(f"measurement {spec} failed:\n{out.stderr[-2000:]}")
+        sys.exit(f"measurement {table} {spec} failed:\n{out.stderr[-3000:]}")
     return json.loads(lines[0][len("RESULT"):])
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+def _describe(table, spec):
+    defaults = TRAIN if table == "train" else IW
+    parts = [f"{spec['lower']}/{spec['upper']}", f"K={spec['clusters']}"]
+    for key in ("batch", "estimator", "samples", "chunk", "images"):
+        if key in spec and spec[key] != defaults[key]:
+            parts.append(f"{key} {spec[key]}")
+    if spec.get("intra") or spec.get("inter"):
+        parts.append(f"threads intra {spec['intra'] or 'default'} / inter "
+                     f"{spec['inter'] or 'default'}")
+    if spec.get("xla"):
+        parts.append("XLA")
+    if spec.get("tiled"):
+        parts.append("**reference (tiled)**")
+    return ", ".join(parts)
+
+
+HEADERS = {
+    "pipeline": ("| data pipeline | examples/s |\n|---|---|",
+                 lambda s, r: f"| one epoch of MNIST-shaped batches with labelled batches | "
+                              f"{r['examples_per_s']:.0f} |"),
+    "matmul": ("| square matmul n x n x n | n=512 GFLOP/s | n=1024 GFLOP/s | n=2048 GFLOP/s |\n"
+               "|---|---|---|---|",
+               lambda s, r: f"| tf.matmul, float32 | {r['square_512_gflops']:.0f} | "
+                            f"{r['square_1024_gflops']:.0f} | {r['square_2048_gflops']:.0f} |"),
+    "train": ("| train step | examples/s | s per MNIST epoch | GFLOP per step | GFLOP/s | "
+              "matmul GFLOP/s on the step's shapes | fraction of matmul rate | peak RSS (MB) |\n"
+              "|---|---|---|---|---|---|---|---|",
+              lambda s, r: f"| {_describe('train', s)} | {r['examples_per_s']:.0f} | "
+                           f"{r['epoch_s']:.0f} | {r['gflop_per_step']:.1f} | {r['gflops']:.0f} "
+                           f"| {r['matmul_gflops']:.0f} | {100 * r['fraction']:.0f}% | "
+                           f"{r['peak_rss_mb']:.0f} |"),
+    "iw": ("| IW bound | test images/s | full MNIST test (h) | GFLOP/s | peak RSS (MB) |\n"
+           "|---|---|---|---|---|",
+           lambda s, r: f"| {_describe('iw', s)} | {r['images_per_s']:.2f} | "
+                        f"{r['full_test_h']:.2f} | {r['gflops']:.0f} | {r['peak_rss_mb']:.0f} |"),
+}
 
 
 def main(argv):
     if FLAGS._child:
         return child(FLAGS._child)
-    specs = [{"kind": "pipeline"}]
-    for size in FLAGS.sizes:
-        lower, upper = (int(w) for w in size.split("x"))
-        for k in FLAGS.clusters:
-            specs.append({"kind": "model", "lower": lower, "upper": upper, "clusters": int(k)})
+    from importlib.metadata import version
+    rows = [(t, s) for t, s in suite() if not FLAGS.only or t in FLAGS.only]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"{time.strftime('%Y-%m-%d')}; batch {FLAGS.batch_size} (+ labelled "
-          f"{min(100, FLAGS.labels)}); IW S={FLAGS.iw_samples}, chunk {FLAGS.iw_chunk}\n")
-    print("| measurement | examples/s | s per MNIST epoch | IW test images/s | IW full test (h) "
-          "| peak RSS (MB) |")
-    print("|---|---|---|---|---|---|")
-    for spec in specs:
-        r = run_child(spec)
-        cell = lambda key, fmt: fmt.format(r[key]) if key in r else "-"
-        print(f"| {r['what']} | {r['examples_per_s']:.0f} | {cell('epoch_s_mnist', '{:.0f}')} | "
-              f"{cell('iw_images_per_s', '{:.2f}')} | {cell('iw_full_test_h', '{:.1f}')} | "
-              f"{cell('peak_rss_mb', '{:.0f}')} |", flush=True)
+          f"TensorFlow {version('tensorflow')}; {time.strftime('%Y-%m-%d')}; suite {FLAGS.suite}; "
+          f"train: batch {TRAIN['batch']} + {TRAIN['labels']} labelled, {FLAGS.steps} steps; "
+          f"IW: S={IW['samples']}, chunk {IW['chunk']}, {FLAGS.iw_images} images per call")
+    current = None
+    for table, spec in rows:
+        spec = {**(TRAIN if table == "train" else IW if table == "iw" else {}), **spec}
+        if table != current:
+            print("\n" + HEADERS[table][0], flush=True)
+            current = table
+        print(HEADERS[table][1](spec, run_child(table, spec)), flush=True)
 
 
 if __name__ == "__main__":

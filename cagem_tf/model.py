@@ -23,6 +23,8 @@ from cagem_tf.networks import BernoulliNet, CategoricalNet, GaussianNet
 
 tfd = tfp.distributions
 
+# The six conditional networks, inference model first.
+NETWORKS = ("q_z1", "q_y", "q_z2", "p_y", "p_z1", "p_x")
 METRIC_NAMES = ("loss", "elbo", "log_px", "kl_z1", "kl_z2", "kl_y",
                 "h_p", "h_q", "accuracy_p", "accuracy_q", "alpha")
 
@@ -125,21 +127,35 @@ class CaGeM(keras.Model):
 
     # ----------------------------------------------------------------------------------------
     # Enumerated terms, the ELBO and the importance-weighted bound
+    def x_parts(self, x, training=False, collect=True):
+        """What depends on x [B,D] alone, computed once per example whatever the samples:
+        q(z1|x) (batch [B], event [d1]) and the first-layer projections of x in q(y|z1,x) and
+        q(z2|x,y,z1), each [B,H] (None without the skip connection)."""
+        x = self.flatten(x)
+        return {"x": x,
+                "q_z1": self.q_z1.distribution([x], training=training, collect=collect),
+                "q_y": self.q_y.project([None, x]),
+                "q_z2": self.q_z2.project([None, None, x]) if self.skip_connection else None}
+
     def latent_terms(self, x, num_samples: int | None = None, seed=None, training=False,
-                     collect=True):
+                     collect=True, x_parts=None):
         """Log-densities of one draw z1 ~ q(z1|x) [S,B,d1] and z2^y ~ q(z2|x,y,z1) for all y.
 
+        `x_parts`: `x_parts(x)`, when the caller reuses it across draws.
         Returns the dict described in `cagem_tf.objective` (shapes [S,B], [S,B,K], [K,S,B]).
         """
-        x = self.flatten(x)
+        parts = self.x_parts(x, training, collect) if x_parts is None else x_parts
+        x = parts["x"]
         S = self.num_samples if num_samples is None else num_samples
         seed_z1, seed_z2 = tfp.random.split_seed(self._seed(seed), n=2)
-        q_z1 = self.q_z1.distribution([x], training=training, collect=collect)  # batch [B]
+        q_z1 = parts["q_z1"]                                                      # batch [B]
         z1 = q_z1.sample(S, seed=seed_z1)                                         # [S,B,d1]
-        q_y_logits = self.q_y([z1, x], training=training, collect=collect)       # [S,B,K]
+        q_y_logits = self.q_y([z1, None], training=training, collect=collect,
+                              projected=parts["q_y"])                             # [S,B,K]
         y = self.clusters(2)                                                      # [K,1,1,K]
-        q_z2 = self.q_z2.distribution(self.q_z2_inputs(y, z1, x), training=training,
-                                      collect=collect)                            # batch [K,S,B]
+        q_z2 = self.q_z2.distribution(self.q_z2_inputs(y, z1, None), training=training,
+                                      collect=collect,
+                                      projected=parts["q_z2"])                    # batch [K,S,B]
         z2 = q_z2.sample(seed=seed_z2)                                            # [K,S,B,d2]
         p_y = self.p_y.distribution([z2], training=training, collect=collect)   # batch [K,S,B]
         p_z1 = self.p_z1.distribution([y, z2], training=training, collect=collect)
@@ -162,20 +178,23 @@ class CaGeM(keras.Model):
         terms = self.latent_terms(x, num_samples, seed, training=training)
         return objective.elbo(terms, self.temperature)
 
-    def sampled_log_weights(self, x, num_samples: int, seed=None):
+    def sampled_log_weights(self, x, num_samples: int, seed=None, x_parts=None):
         """log w_s [S,B] with y drawn instead of summed: y_s ~ q(y|z1_s,x),
         w_s = p(x,y_s,z1_s,z2_s) / (q(z1_s|x) q(y_s|z1_s,x) q(z2_s|x,y_s,z1_s)).
 
         Also E[w_s] = p(x), at one evaluation of the y-dependent networks per sample instead of K.
+        `x_parts` as in `latent_terms`.
         """
-        x = self.flatten(x)
+        parts = self.x_parts(x) if x_parts is None else x_parts
+        x = parts["x"]
         seed_z1, seed_y, seed_z2 = tfp.random.split_seed(self._seed(seed), n=3)
-        q_z1 = self.q_z1.distribution([x])
+        q_z1 = parts["q_z1"]
         z1 = q_z1.sample(num_samples, seed=seed_z1)                               # [S,B,d1]
-        q_y = self.q_y.distribution([z1, x])                                      # batch [S,B]
+        q_y = self.q_y.distribution([z1, None], projected=parts["q_y"])           # batch [S,B]
         y = q_y.sample(seed=seed_y)
         y_one_hot = tf.one_hot(y, self.num_clusters)                              # [S,B,K]
-        q_z2 = self.q_z2.distribution(self.q_z2_inputs(y_one_hot, z1, x))
+        q_z2 = self.q_z2.distribution(self.q_z2_inputs(y_one_hot, z1, None),
+                                      projected=parts["q_z2"])
         z2 = q_z2.sample(seed=seed_z2)                                            # [S,B,d2]
         log_p = (self.p_x.distribution([y_one_hot, z1]).log_prob(x)
                  + self.p_z1.distribution([y_one_hot, z2]).log_prob(z1)
@@ -191,11 +210,13 @@ class CaGeM(keras.Model):
         expectation; "sampled" costs less per sample and has more variance.
         Chunks of `chunk_size` samples are accumulated with logsumexp in a fixed-shape running
         value (samples past S in the last chunk are masked), so memory is set by the chunk and the
-        loop compiles under tf.function.
+        loop compiles under tf.function. What depends on x alone (`x_parts`) is computed once,
+        before the loop.
         """
         if estimator not in ("exact", "sampled"):
             raise ValueError(f"estimator {estimator!r}: use 'exact' or 'sampled'")
-        x = self.flatten(x)
+        parts = self.x_parts(x)
+        x = parts["x"]
         num_samples = tf.convert_to_tensor(num_samples, tf.int32)
         chunk = tf.minimum(tf.constant(chunk_size, tf.int32), num_samples)
         num_chunks = (num_samples + chunk - 1) // chunk
@@ -204,9 +225,10 @@ class CaGeM(keras.Model):
         def body(i, acc):
             chunk_seed = tf.random.experimental.stateless_fold_in(seed, i)
             if estimator == "exact":
-                log_w = objective.iw_log_weights(self.latent_terms(x, chunk, chunk_seed))
+                log_w = objective.iw_log_weights(
+                    self.latent_terms(x, chunk, chunk_seed, x_parts=parts))
             else:
-                log_w = self.sampled_log_weights(x, chunk, chunk_seed)           # [C,B]
+                log_w = self.sampled_log_weights(x, chunk, chunk_seed, x_parts=parts)  # [C,B]
             index = i * chunk + tf.range(chunk)
             log_w = tf.where((index < num_samples)[:, None], log_w, -np.inf)
             return i + 1, tf.reduce_logsumexp(tf.stack([acc, tf.reduce_logsumexp(log_w, 0)]), 0)

@@ -75,12 +75,27 @@ class Conditional(keras.Model):
             "zeros" if name == "log_scale" else "glorot_uniform"))
             for name, units in head_units.items()]
 
-    def call(self, inputs, training=None, collect=True):
+    def project(self, inputs, projected=None):
+        """sum_i W_i u_i over the inputs that are not None, plus `projected`: the first layer
+        before normalization.
+
+        Each input is projected at its own leading shape and the sum broadcasts them. `projected`
+        is the projection of the inputs given as None, computed once by the caller (that of x,
+        reused across chunks of samples).
+        """
         if len(inputs) != self.num_inputs:
             raise ValueError(f"{self.name} takes {self.num_inputs} inputs, got {len(inputs)}")
-        h = self.projections[0](inputs[0])
-        for projection, u in zip(self.projections[1:], inputs[1:]):
-            h = h + projection(u)
+        terms = [projection(u) for projection, u in zip(self.projections, inputs)
+                 if u is not None]
+        if projected is not None:
+            terms.append(projected)
+        h = terms[0]
+        for term in terms[1:]:
+            h = h + term
+        return h
+
+    def call(self, inputs, training=None, collect=True, projected=None):
+        h = self.project(inputs, projected)
         h = tf.nn.relu(self.norms[0](h, training=training, collect=collect))
         for dense, norm in zip(self.hidden_layers, self.norms[1:]):
             h = tf.nn.relu(norm(dense(h), training=training, collect=collect))
@@ -105,12 +120,13 @@ class GaussianNet(Conditional):
         super().__init__(num_inputs, hidden, {"loc": dim, "log_scale": dim}, **kwargs)
         self.dim = dim
 
-    def call(self, inputs, training=None, collect=True):
-        loc, log_scale = super().call(inputs, training=training, collect=collect)
+    def call(self, inputs, training=None, collect=True, projected=None):
+        loc, log_scale = super().call(inputs, training=training, collect=collect,
+                                      projected=projected)
         return loc, LOG_SCALE_BOUND * tf.tanh(log_scale / LOG_SCALE_BOUND)
 
-    def distribution(self, inputs, training=None, collect=True):
-        loc, log_scale = self(inputs, training=training, collect=collect)
+    def distribution(self, inputs, training=None, collect=True, projected=None):
+        loc, log_scale = self(inputs, training=training, collect=collect, projected=projected)
         return tfd.MultivariateNormalDiag(loc=loc, scale_diag=tf.exp(log_scale))
 
 
@@ -124,8 +140,9 @@ class CategoricalNet(Conditional):
         super().__init__(num_inputs, hidden, {"logits": num_classes}, **kwargs)
         self.num_classes = num_classes
 
-    def distribution(self, inputs, training=None, collect=True):
-        return tfd.Categorical(logits=self(inputs, training=training, collect=collect))
+    def distribution(self, inputs, training=None, collect=True, projected=None):
+        return tfd.Categorical(logits=self(inputs, training=training, collect=collect,
+                                           projected=projected))
 
 
 class BernoulliNet(Conditional):
@@ -138,7 +155,7 @@ class BernoulliNet(Conditional):
         super().__init__(num_inputs, hidden, {"logits": dim}, **kwargs)
         self.dim = dim
 
-    def distribution(self, inputs, training=None, collect=True):
-        logits = self(inputs, training=training, collect=collect)
+    def distribution(self, inputs, training=None, collect=True, projected=None):
+        logits = self(inputs, training=training, collect=collect, projected=projected)
         return tfd.Independent(tfd.Bernoulli(logits=logits, dtype=tf.float32),
                                reinterpreted_batch_ndims=1)

@@ -9,9 +9,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from cagem_tf import CaGeM  # noqa: E402
-
-
-NETWORKS = ("q_z1", "q_y", "q_z2", "p_y", "p_z1", "p_x")
+from cagem_tf.model import NETWORKS  # noqa: E402
 
 
 def tiny_cagem(**overrides):

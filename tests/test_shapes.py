@@ -47,6 +47,22 @@ def test_broadcast_inputs_project_once(model):
     assert dist.batch_shape.as_list() == [K, S, B]
 
 
+def test_projected_inputs_match_direct_call(model):
+    """A projection of x computed once [B,H] and passed as `projected` gives the same outputs as
+    the direct call, for every input layout the bound uses."""
+    x, z1 = _x(), tf.random.stateless_normal([S, B, D1], [0, 4])
+    direct = model.q_y([z1, x])
+    reused = model.q_y([z1, None], projected=model.q_y.project([None, x]))
+    assert reused.shape.as_list() == [S, B, K]
+    np.testing.assert_allclose(reused, direct, rtol=1e-6, atol=1e-6)
+    y = model.clusters(2)
+    loc, log_scale = model.q_z2([y, z1, x])
+    loc2, log_scale2 = model.q_z2([y, z1, None], projected=model.q_z2.project([None, None, x]))
+    np.testing.assert_allclose(loc2, loc, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(log_scale2, log_scale, rtol=1e-6, atol=1e-6)
+    assert loc.shape.as_list() == [K, S, B, D2]
+
+
 def test_latent_terms_layout(model):
     terms = model.latent_terms(_x(), S, seed=tf.constant([0, 1]))
     expected = {"z1": [S, B, D1], "z2": [K, S, B, D2], "log_q_z1": [S, B],

@@ -1,0 +1,103 @@
+"""The benchmark's reference model and FLOP count: the comparison they support must be fair."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from bench import flops
+from bench.reference import TiledCaGeM
+from cagem_tf import objective
+from conftest import tiny_cagem
+
+
+def _pair(**settings):
+    """The library's model and the tiled reference with the same weights."""
+    model = tiny_cagem(**settings)
+    reference = TiledCaGeM(**model.get_config())
+    reference.set_weights(model.get_weights())
+    return model, reference
+
+
+def test_tiled_reference_computes_the_same_function():
+    model, reference = _pair(num_clusters=3, z1_dim=2, z2_dim=2)
+    x = tf.constant(np.random.default_rng(0).integers(0, 2, (6, 5)), tf.float32)
+    seed = tf.constant([1, 2])
+    for training in (False, True):
+        ours = model.elbo(x, num_samples=2, seed=seed, training=training)
+        theirs = reference.elbo(x, num_samples=2, seed=seed, training=training)
+        for name in ("elbo", "kl_z2", "kl_y"):
+            np.testing.assert_allclose(theirs[name], ours[name], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(reference.iw_bound(x, 30, 7, seed), model.iw_bound(x, 30, 7, seed),
+                               rtol=1e-5)
+    log_q, log_p = model.class_log_probs(x, 3, seed)
+    ref_q, ref_p = reference.class_log_probs(x, 3, seed)
+    np.testing.assert_allclose(ref_p, log_p, rtol=1e-5, atol=1e-5)
+
+
+def test_tiled_reference_multiplies_tiled_inputs():
+    """The reference's first layers really see [K,S,B, sum d_i] inputs."""
+    _, reference = _pair(num_clusters=3)
+    y, z1, x = reference.clusters(2), tf.zeros([2, 4, 1]), tf.zeros([4, 5])
+    h = reference.q_z2.project([y, z1, x])
+    assert h.shape.as_list() == [3, 2, 4, 8]
+
+
+def _executed_matmul_macs(fn, *args):
+    """Multiply-adds of the MatMul ops a tf.function runs: those its outputs and stateful
+    control outputs (the variable updates) depend on; TensorFlow prunes the rest."""
+    graph = tf.function(fn).get_concrete_function(*args).graph
+    seen, stack = set(), [t.op for t in graph.outputs] + list(graph.control_outputs)
+    while stack:
+        op = stack.pop()
+        if op.name not in seen:
+            seen.add(op.name)
+            stack += [t.op for t in op.inputs] + list(op.control_inputs)
+    total = 0
+    for op in graph.get_operations():
+        assert op.type != "BatchMatMulV2", "count batched matmuls too"
+        if op.type == "MatMul" and op.name in seen:
+            a, b = op.inputs[0].shape.as_list(), op.inputs[1].shape.as_list()
+            rows, inner = (a[1], a[0]) if op.get_attr("transpose_a") else a
+            total += rows * inner * (b[0] if op.get_attr("transpose_b") else b[1])
+    return total
+
+
+SETTINGS = dict(image_shape=(11,), num_clusters=3, z1_dim=2, z2_dim=3, hidden_lower=(9, 7),
+                hidden_upper=(6, 4))
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+@pytest.mark.parametrize("labelled", [0, 4])
+def test_train_step_flops_match_the_graph(tiled, labelled):
+    """bench/flops.py counts exactly the matmuls (forward and backward) the train step runs."""
+    model, reference = _pair(**SETTINGS)
+    model = reference if tiled else model
+    model.compile(keras.optimizers.Adam(), alpha=1.0)
+    batch = {"x": tf.zeros([13, 11])}
+    if labelled:
+        batch.update(x_labelled=tf.zeros([labelled, 11]), y_labelled=tf.zeros([labelled], tf.int32))
+    counted = flops.total_macs(flops.train_matmuls(model.get_config(), 13, labelled, tiled))
+    assert _executed_matmul_macs(model.train_step, batch) == counted
+
+
+@pytest.mark.parametrize("estimator", ["exact", "sampled"])
+def test_iw_flops_match_the_graph(estimator):
+    model = tiny_cagem(**SETTINGS)
+    seed = tf.constant([0, 1])
+    if estimator == "exact":
+        fn = lambda x: objective.iw_log_weights(model.latent_terms(x, 17, seed))  # noqa: E731
+    else:
+        fn = lambda x: model.sampled_log_weights(x, 17, seed)  # noqa: E731
+    counted = flops.total_macs(flops.iw_matmuls(model.get_config(), 5, 17, estimator))
+    assert _executed_matmul_macs(fn, tf.zeros([5, 11])) == counted
+
+
+def test_per_input_projections_remove_multiply_adds_at_paper_size():
+    config = dict(image_shape=(28, 28, 1), num_clusters=10, z1_dim=64, z2_dim=32,
+                  hidden_lower=(1024, 1024), hidden_upper=(512, 512), num_samples=1,
+                  skip_connection=True)
+    ours = flops.train_matmuls(config, 100, 0)
+    tiled = flops.train_matmuls(config, 100, 0, tiled=True)
+    forward = lambda ms: sum(m.rows * m.n_in * m.n_out for m in ms)  # noqa: E731
+    assert 0.11 < 1 - forward(ours) / forward(tiled) < 0.14

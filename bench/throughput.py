@@ -113,7 +113,7 @@ def measure_pipeline(spec):
 
 
 def _time(fn, repeats):
-    fn()  # tracing
+    fn()  # tracing, or warming up
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
@@ -200,11 +200,13 @@ def measure_iw(spec):
     model = _config(spec)
     n = spec["images"] or FLAGS.iw_images
     x = tf.constant((np.random.default_rng(0).random((n, 784)) < 0.2).astype(np.float32))
-    bound = tf.function(lambda x: model.iw_bound(x, spec["samples"], spec["chunk"],
-                                                 seed=tf.constant([0, 0]),
-                                                 estimator=spec["estimator"]),
+    bound = tf.function(lambda x, s: model.iw_bound(x, s, spec["chunk"],
+                                                    seed=tf.constant([0, 0]),
+                                                    estimator=spec["estimator"]),
                         jit_compile=spec["xla"])
-    seconds = _time(lambda: bound(x).numpy(), FLAGS.repeats)
+    bound(x, tf.constant(1)).numpy()  # tracing, one chunk
+    samples = tf.constant(spec["samples"])
+    seconds = _time(lambda: bound(x, samples).numpy(), FLAGS.repeats)
     flops = 2 * total_macs(iw_matmuls(model.get_config(), n, spec["samples"],
                                       spec["estimator"]))
     return {"images_per_s": n / seconds, "full_test_h": TEST_IMAGES * seconds / n / 3600,

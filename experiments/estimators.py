@@ -54,13 +54,13 @@ def compare(model, x, rows, repeats, batch_size, chunk_size):
     results = []
     for estimator, s in rows:
         chunk = chunk_size * (5 if estimator == "sampled" else 1)
-        bound = tf.function(lambda xb, seed, e=estimator, s=s, c=chunk: model.iw_bound(
+        bound = tf.function(lambda xb, seed, s, e=estimator, c=chunk: model.iw_bound(
             xb, s, c, seed, estimator=e))
-        bound(x[:batch_size], tf.constant([0, 0])).numpy()  # tracing
+        bound(x[:batch_size], tf.constant([0, 0]), tf.constant(1)).numpy()  # tracing
         values, start = [], time.perf_counter()
         for r in range(repeats):
             values.append(np.concatenate([
-                bound(x[i:i + batch_size], tf.constant([r, i])).numpy()
+                bound(x[i:i + batch_size], tf.constant([r, i]), tf.constant(s)).numpy()
                 for i in range(0, len(x), batch_size)]))
         seconds = (time.perf_counter() - start) / (repeats * len(x))
         results.append((estimator, s, np.stack(values), seconds))

@@ -1,17 +1,19 @@
 """Speed and memory of the data pipeline, the CaGeM train step and the IW bound; prints Markdown.
 
-python bench/throughput.py [--suite full|quick] [--dataset mnist|PATH] [--steps 30]
-                           [--iw_images 4] [--only train,iw,...]
+python bench/throughput.py [--suite full|quick] [--only pipeline,matmul,train,versus,iw]
+                           [--dataset mnist|PATH] [--steps 15] [--windows 5] [--iw_images 4]
 
 Tables: the data pipeline alone; the dense matmul rate of this CPU through TensorFlow; the train
 step (examples/s, the analytic FLOPs of bench/flops.py, the fraction of the matmul rate measured on
 the step's own matmul shapes, peak memory) against K, hidden sizes, batch size, thread settings,
-XLA, and the straightforward reference of bench/reference.py; the IW bound (test images/s and
-the projected time for the 10,000 MNIST test images) against estimator, S, chunk size, images
-per call, K and XLA.
+XLA, and the straightforward reference of bench/reference.py; the library's step against that
+reference in alternating windows of one process; the IW bound (test images/s and the projected
+time for the 10,000 MNIST test images) against estimator, S, chunk size, images per call, K and
+XLA.
 
 Each row runs in a fresh subprocess, so that its peak resident memory (ru_maxrss) and its thread
-settings are its own. Timings exclude tracing: a first call is run and discarded.
+settings are its own. Timings exclude tracing (a first call is run and discarded) and are
+medians over windows, which keeps a passing stall of the machine out of the numbers.
 """
 
 import json
@@ -33,9 +35,10 @@ flags.DEFINE_string("dataset", None, "Data for the pipeline measurement (a data.
                     "path); default: random MNIST-shaped images.")
 flags.DEFINE_string("manual_dir", None, "tfds manual_dir for --dataset.")
 flags.DEFINE_string("data_dir", None, "tfds data_dir for --dataset.")
-flags.DEFINE_integer("steps", 30, "Timed train steps per row.")
+flags.DEFINE_integer("steps", 15, "Train steps per timed window.")
+flags.DEFINE_integer("windows", 5, "Timed windows per train row; the median is reported.")
 flags.DEFINE_integer("iw_images", 4, "Test images per call of the IW bound (default rows).")
-flags.DEFINE_integer("repeats", 2, "Timed calls of the IW bound per row.")
+flags.DEFINE_integer("repeats", 3, "Timed calls of the IW bound per row (median).")
 flags.DEFINE_string("_child", None, "Internal: one measurement as JSON.")
 FLAGS = flags.FLAGS
 
@@ -53,7 +56,8 @@ def suite():
     if FLAGS.suite == "quick":
         tiny = {"lower": 64, "upper": 32}
         return [("pipeline", {}), ("matmul", {}), ("train", {**tiny}),
-                ("train", {**tiny, "tiled": True}), ("iw", {**tiny, "samples": 200}),
+                ("train", {**tiny, "tiled": True}), ("versus", {**tiny}),
+                ("iw", {**tiny, "samples": 200}),
                 ("iw", {**tiny, "samples": 200, "estimator": "sampled"})]
     rows = [("pipeline", {}), ("matmul", {})]
     for size in (PAPER, SMALL):
@@ -63,6 +67,7 @@ def suite():
     rows += [("train", {**PAPER, "batch": b}) for b in (50, 200, 500)]
     rows += [("train", {**PAPER, "intra": i, "inter": j}) for i, j in ((1, 1), (2, 1), (1, 2))]
     rows += [("train", {**PAPER, "xla": True})]
+    rows += [("versus", size) for size in (PAPER, SMALL)]
     for size in (PAPER, SMALL):
         for estimator in ("exact", "sampled"):
             rows.append(("iw", {**size, "estimator": estimator}))
@@ -113,14 +118,18 @@ def measure_pipeline(spec):
 
 
 def _time(fn, repeats):
-    fn()  # tracing, or warming up
-    start = time.perf_counter()
+    """Median seconds of `repeats` calls, after one discarded call (tracing, warm-up)."""
+    import numpy as np
+    fn()
+    times = []
     for _ in range(repeats):
+        start = time.perf_counter()
         fn()
-    return (time.perf_counter() - start) / repeats
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
-def matmul_seconds(matmuls, repeats=10):
+def matmul_seconds(matmuls, repeats=7):
     """Seconds for exactly the given matmuls (forward, kernel and input gradients) in one
     tf.function, on random inputs of their shapes."""
     import tensorflow as tf
@@ -159,15 +168,35 @@ def _config(spec):
                  hidden_upper=spec["upper"], seed=0)
 
 
-def measure_train(spec):
-    _threads(spec)
+class _Windows:
+    """A Keras callback that times each epoch of a fit: one window of --steps train steps."""
+
+    def __new__(cls):
+        import keras
+
+        class Windows(keras.callbacks.Callback):
+            def __init__(self):
+                super().__init__()
+                self.seconds = []
+
+            def on_epoch_begin(self, epoch, logs=None):
+                self.start = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                self.seconds.append(time.perf_counter() - self.start)
+
+        return Windows()
+
+
+def _trainer(spec, tiled):
+    """A compiled model of `spec` on a constant batch, traced; returns (model, run) where
+    run(windows) gives the seconds per step of each window."""
     import keras
     import numpy as np
     import tensorflow as tf
-    from bench.flops import total_macs, train_matmuls
     from bench.reference import TiledCaGeM
     from cagem_tf import CaGeM
-    cls = TiledCaGeM if spec["tiled"] else CaGeM
+    cls = TiledCaGeM if tiled else CaGeM
     model = cls(num_clusters=spec["clusters"], hidden_lower=spec["lower"],
                 hidden_upper=spec["upper"], seed=0)
     rng = np.random.default_rng(0)
@@ -180,9 +209,23 @@ def measure_train(spec):
                   jit_compile=spec["xla"])
     data = tf.data.Dataset.from_tensors(batch).repeat()
     model.fit(data, steps_per_epoch=3, epochs=1, verbose=0)  # tracing
-    start = time.perf_counter()
-    model.fit(data, steps_per_epoch=FLAGS.steps, epochs=1, verbose=0)
-    seconds = (time.perf_counter() - start) / FLAGS.steps
+
+    def run(windows):
+        timer = _Windows()
+        model.fit(data, steps_per_epoch=FLAGS.steps, epochs=windows, verbose=0,
+                  callbacks=[timer])
+        return [t / FLAGS.steps for t in timer.seconds]
+
+    return model, run
+
+
+def measure_train(spec):
+    import numpy as np
+    from bench.flops import total_macs, train_matmuls
+    _threads(spec)
+    model, run = _trainer(spec, spec["tiled"])
+    seconds = float(np.median(run(FLAGS.windows)))
+    B, L = spec["batch"], min(100, spec["labels"])
     matmuls = train_matmuls(model.get_config(), B, L, tiled=spec["tiled"])
     flops = 2 * total_macs(matmuls)
     matmul_s = matmul_seconds(matmuls)
@@ -190,6 +233,26 @@ def measure_train(spec):
             "gflop_per_step": flops / 1e9, "gflops": flops / seconds / 1e9,
             "matmul_gflops": flops / matmul_s / 1e9, "fraction": matmul_s / seconds,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def measure_versus(spec):
+    """The library's step against the tiled reference, alternating windows in one process so
+    that both see the same machine state; the speed-up is the median of the per-round ratios."""
+    import numpy as np
+    from bench.flops import total_macs, train_matmuls
+    ours, run_ours = _trainer(spec, False)
+    _, run_reference = _trainer(spec, True)
+    t_ours, t_reference = [], []
+    for _ in range(FLAGS.windows):
+        t_ours += run_ours(1)
+        t_reference += run_reference(1)
+    B, L = spec["batch"], min(100, spec["labels"])
+    macs = total_macs(train_matmuls(ours.get_config(), B, L))
+    macs_reference = total_macs(train_matmuls(ours.get_config(), B, L, tiled=True))
+    return {"ours": B / float(np.median(t_ours)),
+            "reference": B / float(np.median(t_reference)),
+            "time_saved": float(np.median(1 - np.array(t_ours) / np.array(t_reference))),
+            "macs_saved": 1 - macs / macs_reference}
 
 
 def measure_iw(spec):
@@ -217,7 +280,7 @@ def measure_iw(spec):
 def child(payload):
     table, spec = json.loads(payload)
     measure = {"pipeline": measure_pipeline, "matmul": measure_matmul, "train": measure_train,
-               "iw": measure_iw}[table]
+               "versus": measure_versus, "iw": measure_iw}[table]
     print("RESULT" + json.dumps(measure(spec)))
 
 
@@ -235,7 +298,7 @@ def run_child(table, spec):
 # --------------------------------------------------------------------------------------------
 # Tables
 def _describe(table, spec):
-    defaults = TRAIN if table == "train" else IW
+    defaults = IW if table == "iw" else TRAIN
     parts = [f"{spec['lower']}/{spec['upper']}", f"K={spec['clusters']}"]
     for key in ("batch", "estimator", "samples", "chunk", "images"):
         if key in spec and spec[key] != defaults[key]:
@@ -265,6 +328,12 @@ HEADERS = {
                            f"{r['epoch_s']:.0f} | {r['gflop_per_step']:.1f} | {r['gflops']:.0f} "
                            f"| {r['matmul_gflops']:.0f} | {100 * r['fraction']:.0f}% | "
                            f"{r['peak_rss_mb']:.0f} |"),
+    "versus": ("| per-input projections vs tiled reference, alternating windows | ours "
+               "examples/s | reference examples/s | step time saved | multiply-adds saved |\n"
+               "|---|---|---|---|---|",
+               lambda s, r: f"| {_describe('train', s)} | {r['ours']:.0f} | "
+                            f"{r['reference']:.0f} | {100 * r['time_saved']:.1f}% | "
+                            f"{100 * r['macs_saved']:.1f}% |"),
     "iw": ("| IW bound | test images/s | full MNIST test (h) | GFLOP/s | peak RSS (MB) |\n"
            "|---|---|---|---|---|",
            lambda s, r: f"| {_describe('iw', s)} | {r['images_per_s']:.2f} | "
@@ -279,11 +348,14 @@ def main(argv):
     rows = [(t, s) for t, s in suite() if not FLAGS.only or t in FLAGS.only]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"TensorFlow {version('tensorflow')}; {time.strftime('%Y-%m-%d')}; suite {FLAGS.suite}; "
-          f"train: batch {TRAIN['batch']} + {TRAIN['labels']} labelled, {FLAGS.steps} steps; "
-          f"IW: S={IW['samples']}, chunk {IW['chunk']}, {FLAGS.iw_images} images per call")
+          f"train: batch {TRAIN['batch']} + {TRAIN['labels']} labelled, median of "
+          f"{FLAGS.windows} windows of {FLAGS.steps} steps; "
+          f"IW: S={IW['samples']}, chunk {IW['chunk']}, {FLAGS.iw_images} images per call, "
+          f"median of {FLAGS.repeats} calls")
     current = None
     for table, spec in rows:
-        spec = {**(TRAIN if table == "train" else IW if table == "iw" else {}), **spec}
+        spec = {**(IW if table == "iw" else TRAIN if table in ("train", "versus") else {}),
+                **spec}
         if table != current:
             print("\n" + HEADERS[table][0], flush=True)
             current = table

@@ -46,7 +46,7 @@ PAPER = {"lower": 1024, "upper": 512}
 SMALL = {"lower": 500, "upper": 256}
 TRAIN = {"clusters": 10, "batch": 100, "labels": 100, "intra": 0, "inter": 0, "xla": False,
          "tiled": False}
-IW = {"clusters": 10, "estimator": "exact", "samples": 5000, "chunk": 100, "images": None,
+IW = {"clusters": 10, "estimator": "exact", "samples": 5000, "chunk": None, "images": None,
       "xla": False, "intra": 0, "inter": 0}
 TEST_IMAGES = 10000
 
@@ -68,15 +68,18 @@ def suite():
     rows += [("train", {**PAPER, "intra": i, "inter": j}) for i, j in ((1, 1), (2, 1), (1, 2))]
     rows += [("train", {**PAPER, "xla": True})]
     rows += [("versus", size) for size in (PAPER, SMALL)]
+    rows += [("versus", {**PAPER, "intra": 1, "inter": 2})]
     for size in (PAPER, SMALL):
         for estimator in ("exact", "sampled"):
             rows.append(("iw", {**size, "estimator": estimator}))
     rows += [("iw", {**PAPER, "clusters": k}) for k in (20, 50)]
     rows += [("iw", {**PAPER, "estimator": "sampled", "clusters": k}) for k in (20, 50)]
     rows += [("iw", {**PAPER, "chunk": c}) for c in (25, 500)]
-    rows += [("iw", {**PAPER, "estimator": "sampled", "chunk": c}) for c in (500, 1000)]
+    rows += [("iw", {**PAPER, "estimator": "sampled", "chunk": c}) for c in (100, 1000)]
     rows += [("iw", {**PAPER, "images": n}) for n in (1, 16)]
     rows += [("iw", {**PAPER, "samples": 1000})]
+    rows += [("iw", {**PAPER, "estimator": e, "intra": 1, "inter": 2})
+             for e in ("exact", "sampled")]
     rows += [("iw", {**PAPER, "xla": True}),
              ("iw", {**PAPER, "estimator": "sampled", "xla": True})]
     return rows
@@ -240,6 +243,7 @@ def measure_versus(spec):
     that both see the same machine state; the speed-up is the median of the per-round ratios."""
     import numpy as np
     from bench.flops import total_macs, train_matmuls
+    _threads(spec)
     ours, run_ours = _trainer(spec, False)
     _, run_reference = _trainer(spec, True)
     t_ours, t_reference = [], []
@@ -350,7 +354,8 @@ def main(argv):
           f"TensorFlow {version('tensorflow')}; {time.strftime('%Y-%m-%d')}; suite {FLAGS.suite}; "
           f"train: batch {TRAIN['batch']} + {TRAIN['labels']} labelled, median of "
           f"{FLAGS.windows} windows of {FLAGS.steps} steps; "
-          f"IW: S={IW['samples']}, chunk {IW['chunk']}, {FLAGS.iw_images} images per call, "
+          f"IW: S={IW['samples']}, chunks of 100 samples (exact) or 500 (sampled), "
+          f"{FLAGS.iw_images} images per call, "
           f"median of {FLAGS.repeats} calls")
     current = None
     for table, spec in rows:

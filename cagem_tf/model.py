@@ -23,6 +23,9 @@ from cagem_tf.networks import BernoulliNet, CategoricalNet, GaussianNet
 
 tfd = tfp.distributions
 
+# Samples per chunk of the IW bound by estimator, at similar memory: an exact chunk holds K
+# values of y per sample, a sampled one a single value.
+IW_CHUNK = {"exact": 100, "sampled": 500}
 # The six conditional networks, inference model first.
 NETWORKS = ("q_z1", "q_y", "q_z2", "p_y", "p_z1", "p_x")
 METRIC_NAMES = ("loss", "elbo", "log_px", "kl_z1", "kl_z2", "kl_y",
@@ -88,7 +91,10 @@ class CaGeM(keras.Model):
         self.seed_generator = keras.random.SeedGenerator(seed, name="seed_generator")
         self.alpha = 0.0
         self.trackers = {}
-        # Build every variable now, so that compile, checkpoints and exports see them all.
+        # Build every variable now, so that compile, checkpoints and exports see them all. The
+        # first call of each network gives all its inputs: Keras keeps that call's input specs
+        # for the layer's own saved signature (later calls may pass x projected, as None).
+        self.class_log_probs(tf.zeros([1, self.data_dim]), 1, seed=tf.constant([0, 0]))
         self.latent_terms(tf.zeros([1, self.data_dim]), num_samples=1, seed=tf.constant([0, 0]))
         self.sample(1, seed=tf.constant([0, 0]))
         self.built = True
@@ -201,7 +207,7 @@ class CaGeM(keras.Model):
                  + self.p_y.distribution([z2]).log_prob(y) + self.p_z2.log_prob(z2))
         return log_p - q_z1.log_prob(z1) - q_y.log_prob(y) - q_z2.log_prob(z2)
 
-    def iw_bound(self, x, num_samples: int = 5000, chunk_size: int = 100, seed=None,
+    def iw_bound(self, x, num_samples: int = 5000, chunk_size: int | None = None, seed=None,
                  estimator: str = "exact"):
         """log p_S(x) = log (1/S) sum_s w_s per example [B], the importance-weighted bound.
 
@@ -210,11 +216,12 @@ class CaGeM(keras.Model):
         expectation; "sampled" costs less per sample and has more variance.
         Chunks of `chunk_size` samples are accumulated with logsumexp in a fixed-shape running
         value (samples past S in the last chunk are masked), so memory is set by the chunk and the
-        loop compiles under tf.function. What depends on x alone (`x_parts`) is computed once,
-        before the loop.
+        loop compiles under tf.function. `chunk_size` None: `IW_CHUNK[estimator]`. What depends
+        on x alone (`x_parts`) is computed once, before the loop.
         """
         if estimator not in ("exact", "sampled"):
             raise ValueError(f"estimator {estimator!r}: use 'exact' or 'sampled'")
+        chunk_size = IW_CHUNK[estimator] if chunk_size is None else chunk_size
         parts = self.x_parts(x)
         x = parts["x"]
         num_samples = tf.convert_to_tensor(num_samples, tf.int32)

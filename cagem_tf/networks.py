@@ -25,6 +25,11 @@ class BatchNorm(keras.layers.BatchNormalization):
     `training=True, collect=False` normalises with the moments of the batch, as in training, but
     does not update `moving_mean` / `moving_variance`. CaGeM collects statistics only in the
     unlabelled pass; the labelled pass uses this mode.
+
+    In training (unless synchronized over replicas) the normalization runs as TensorFlow's fused
+    kernel on the input seen as [N,1,1,C], N the product of the leading axes: the same function
+    and gradient as Keras' composite ops, in one op each way, about twice as fast on a CPU.
+    The moving variance is updated with the biased batch variance, as Keras does.
     """
 
     def build(self, input_shape):
@@ -39,12 +44,27 @@ class BatchNorm(keras.layers.BatchNormalization):
                                  synchronized=self.synchronized)
 
     def call(self, inputs, training=None, mask=None, collect=True):
-        if training and self.trainable and not collect:
+        if not (training and self.trainable):
+            return super().call(inputs, training=training, mask=mask)
+        if self.synchronized:
+            if collect:
+                return super().call(inputs, training=training, mask=mask)
             mean, variance = self._moments(inputs, mask)
             return keras.ops.batch_normalization(
                 inputs, mean, variance, axis=self.axis, offset=self.beta,
                 scale=self.gamma, epsilon=self.epsilon)
-        return super().call(inputs, training=training, mask=mask)
+        channels = inputs.shape[-1]
+        flat = tf.reshape(inputs, [-1, 1, 1, channels])
+        outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+            flat, self.gamma, self.beta, epsilon=self.epsilon, is_training=True)
+        if collect:
+            n = tf.cast(tf.shape(flat)[0], variance.dtype)
+            variance = variance * (n - 1.0) / tf.maximum(n, 2.0)  # the kernel's is unbiased
+            self.moving_mean.assign(self.moving_mean * self.momentum
+                                    + mean * (1.0 - self.momentum))
+            self.moving_variance.assign(self.moving_variance * self.momentum
+                                        + variance * (1.0 - self.momentum))
+        return tf.reshape(outputs, tf.shape(inputs))
 
 
 class Conditional(keras.Model):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cagem_tf import objective
+from cagem_tf import evaluation, objective
 from conftest import tiny_cagem
 
 
@@ -139,3 +139,23 @@ def test_sampled_y_estimator_matches_exact(model, exact):
     chunked = model.iw_bound(xs[chosen], 20000, 1000, seed=tf.constant([4, 4]),
                              estimator="sampled").numpy()
     assert np.all(np.abs(chunked - log_px[chosen]) < 0.05)
+
+
+def test_estimator_comparison_converges_to_log_px(model, exact):
+    """compare_estimators: both estimators approach log p(x) as S grows, their spread between
+    seeds shrinks, and the table pairs each row with the first."""
+    xs, log_px = exact
+    chosen = [0, 7, 13, 22]
+    rows = [("exact", 3000), ("sampled", 3000), ("exact", 3), ("sampled", 3)]
+    results = evaluation.compare_estimators(model, xs[chosen], rows, repeats=3, batch_size=2)
+    assert [(e, s) for e, s, _, _ in results] == rows
+    spread = {}
+    for estimator, s, values, seconds in results:
+        assert values.shape == (3, 4) and seconds > 0
+        spread[estimator, s] = values.std(0, ddof=1).mean()
+        if s == 3000:
+            assert np.all(np.abs(values.mean(0) - log_px[chosen]) < 0.05)
+    for estimator in ("exact", "sampled"):
+        assert spread[estimator, 3] > 3 * spread[estimator, 3000] > 0
+    table = evaluation.estimators_markdown(results).splitlines()
+    assert len(table) == 6 and "+0.000 ± 0.000" in table[2]

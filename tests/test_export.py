@@ -47,6 +47,7 @@ out = {"signatures": sorted(m.signatures)}
 for name, kwargs in [
         ("classify", dict(x=x)), ("encode", dict(x=x)), ("reconstruct", dict(x=x)),
         ("log_likelihood", dict(x=x, num_samples=tf.constant(200))),
+        ("log_likelihood_sampled", dict(x=x, num_samples=tf.constant(1000))),
         ("sample", dict(num_samples=tf.constant(4), seed=tf.constant(7))),
         ("sample_class", dict(y=tf.constant([0, 2, 1]), seed=tf.constant(7)))]:
     out[name] = {k: v.numpy().tolist() for k, v in m.signatures[name](**kwargs).items()}
@@ -72,14 +73,17 @@ def test_loads_with_tensorflow_alone_and_matches_the_model(model, exported, tmp_
     out = json.loads(lines[0][len("RESULT"):])
     assert out["modules"] == []
     assert out["signatures"] == sorted(["classify", "sample", "sample_class", "log_likelihood",
-                                        "encode", "reconstruct", "serving_default"])
+                                        "log_likelihood_sampled", "encode", "reconstruct",
+                                        "serving_default"])
     p_y, q_y = model.classify(x, seed=tf.constant(saved_model.CLASSIFIER_SEED))
     np.testing.assert_allclose(out["classify"]["p_y"], p_y, atol=1e-5)
     np.testing.assert_allclose(out["classify"]["q_y"], q_y, atol=1e-5)
     assert out["classify"]["label"] == np.argmax(p_y, -1).tolist()
-    same_seed = model.iw_bound(x, 200, saved_model.LIKELIHOOD_CHUNK,
-                               seed=tf.constant(saved_model.CLASSIFIER_SEED))
-    np.testing.assert_allclose(out["log_likelihood"]["log_likelihood"], same_seed, rtol=1e-4)
+    for name, estimator, samples in (("log_likelihood", "exact", 200),
+                                     ("log_likelihood_sampled", "sampled", 1000)):
+        same_seed = model.iw_bound(x, samples, seed=tf.constant(saved_model.CLASSIFIER_SEED),
+                                   estimator=estimator)
+        np.testing.assert_allclose(out[name]["log_likelihood"], same_seed, rtol=1e-4)
     z1, z2 = model.encode(x)
     np.testing.assert_allclose(out["encode"]["z1"], z1, atol=1e-5)
     np.testing.assert_allclose(out["encode"]["z2"], z2, atol=1e-5)
@@ -97,8 +101,8 @@ def test_saved_model_cli_shows_and_runs(exported, tmp_path):
     cli = [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
     shown = subprocess.run([*cli, "show", "--dir", path, "--all"], env=_env(),
                            capture_output=True, text=True, timeout=300)
-    for name in ("classify", "sample", "sample_class", "log_likelihood", "encode",
-                 "reconstruct", "serving_default"):
+    for name in ("classify", "sample", "sample_class", "log_likelihood",
+                 "log_likelihood_sampled", "encode", "reconstruct", "serving_default"):
         assert f"signature_def['{name}']" in shown.stdout, shown.stderr[-2000:]
     ran = subprocess.run([*cli, "run", "--dir", path, "--tag_set", "serve", "--signature_def",
                           "classify", "--inputs", f"x={tmp_path / 'x.npy'}"],
@@ -118,6 +122,8 @@ def loaded(exported):
     ("encode", dict(x=tf.fill([1, 6, 6, 1], -0.1)), r"values in \[0, 1\]"),
     ("log_likelihood", dict(x=tf.zeros([1, 6, 6, 1]), num_samples=tf.constant(0)),
      "num_samples must be a positive"),
+    ("log_likelihood_sampled", dict(x=tf.zeros([1, 6, 6]), num_samples=tf.constant(10)),
+     r"x must be float32 \[N,6,6,1\]"),
     ("sample", dict(num_samples=tf.constant(-2), seed=tf.constant(0)),
      "num_samples must be a positive"),
     ("sample_class", dict(y=tf.constant([0, 3]), seed=tf.constant(0)), r"values in \[0, 3\)"),

@@ -20,7 +20,8 @@ flags.DEFINE_string("checkpoint", None, "Checkpoint prefix; default: the latest.
 flags.DEFINE_list("iw_samples", ["1", "10", "5000"], "Sample counts S of the bounds F_S.")
 flags.DEFINE_integer("subset", 0, "Evaluate the first N test images only (0: all).")
 flags.DEFINE_integer("batch_size", 100, "Images per IW batch (the unit of saved progress).")
-flags.DEFINE_integer("chunk_size", 100, "Importance samples per chunk (memory).")
+flags.DEFINE_integer("chunk_size", None, "Importance samples per chunk (memory); default 100 "
+                     "for the exact estimator, 500 for the sampled one.")
 flags.DEFINE_enum("split", "test", ["test", "validation"], "test: the data set's test split; "
                   "validation: the run's --validation hold-out.")
 flags.DEFINE_enum("iw_estimator", "exact", ["exact", "sampled"], "exact: y summed inside "
@@ -28,18 +29,20 @@ flags.DEFINE_enum("iw_estimator", "exact", ["exact", "sampled"], "exact: y summe
                   "more variance).")
 flags.DEFINE_bool("figures", True, "Write the figures.")
 flags.DEFINE_integer("seed", 0, "Seed of the evaluation's sampling.")
+cli.define_thread_flags()
 flags.mark_flag_as_required("model_dir")
 FLAGS = flags.FLAGS
 
 
 def evaluate(model_dir, checkpoint=None, iw_samples=(1, 10, 5000), subset=0, batch_size=100,
-             chunk_size=100, split="test", figures=True, seed=0, progress=True, log=print,
+             chunk_size=None, split="test", figures=True, seed=0, progress=True, log=print,
              iw_estimator="exact"):
     """Evaluates the run in `model_dir`; returns the results dict also written to disk."""
     import numpy as np
     import tensorflow as tf
 
-    if min(iw_samples) < 1 or subset < 0 or batch_size < 1 or chunk_size < 1:
+    if min(iw_samples) < 1 or subset < 0 or batch_size < 1 or (chunk_size is not None
+                                                                 and chunk_size < 1):
         raise rundir.RunError("--iw_samples, --batch_size and --chunk_size must be >= 1 and "
                               "--subset >= 0")
     config_path = os.path.join(model_dir, rundir.CONFIG)

@@ -67,6 +67,7 @@ flags.DEFINE_bool("fresh", D["fresh"], "Start over: an existing run in --model_d
                   "aside to <model_dir>.<time>.")
 flags.DEFINE_integer("verbose", D["verbose"], "Keras progress: 0 silent, 1 bar, 2 a line per "
                      "epoch.")
+cli.define_thread_flags()
 FLAGS = flags.FLAGS
 
 

@@ -140,3 +140,17 @@ def test_driver_on_two_tiny_configurations(tiny_npz, tmp_path):
     assert rows[0].startswith("| run | labels | K | F_1 | F_5 |")
     assert [r.split("|")[1].strip() for r in rows[2:]] == ["semi", "unsup"]
     assert os.path.isfile(out / "likelihood_vs_labels.png")
+
+
+def test_estimators_cli_reports_bad_input_in_one_line(tmp_path):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    for args, expected in [
+        ([f"--model_dir={tmp_path}", "--samples=exact:5000,magic:10"], "--samples 'magic:10'"),
+        ([f"--model_dir={tmp_path}"], "no model.json"),
+        ([f"--model_dir={tmp_path}", "--repeats=1"], "--repeats >= 2"),
+    ]:
+        result = subprocess.run([sys.executable, "experiments/estimators.py", *args], cwd=ROOT,
+                                env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode != 0
+        assert [line for line in result.stderr.splitlines() if line.startswith("error:")
+                and expected in line], result.stderr[-2000:]

@@ -42,7 +42,9 @@ def tags(event_dir):
 
 def test_end_to_end_run(tiny_npz, tmp_path):
     run = str(tmp_path / "run")
-    result = run_cli(f"--dataset={tiny_npz}", f"--model_dir={run}", "--epochs=2", *TINY)
+    # The thread flags are applied before TensorFlow runs an op (it refuses them afterwards).
+    result = run_cli(f"--dataset={tiny_npz}", f"--model_dir={run}", "--epochs=2", *TINY,
+                     "--intra_op_threads=1", "--inter_op_threads=2")
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.load(open(os.path.join(run, "config.json")))
     assert config["labels"] == 6 and config["hidden_lower"] == [16, 16]
@@ -159,6 +161,7 @@ def test_cli_reports_bad_flags_in_one_line(tiny_npz, tmp_path):
         (["--hidden_lower=big"], "--hidden_lower big: give integers"),
         (["--strategy=magic"], "--strategy"),
         (["--no_such_flag=1"], "no_such_flag"),
+        (["--inter_op_threads=-1"], "--intra_op_threads and --inter_op_threads must be >= 0"),
     ]:
         result = run_cli(f"--dataset={tiny_npz}", f"--model_dir={tmp_path / 'run'}", *args)
         assert result.returncode != 0

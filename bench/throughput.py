@@ -171,24 +171,23 @@ def _config(spec):
                  hidden_upper=spec["upper"], seed=0)
 
 
-class _Windows:
-    """A Keras callback that times each epoch of a fit: one window of --steps train steps."""
+def _window_timer():
+    """A Keras callback that records the seconds of each epoch of a fit (one timed window).
+    Built on demand: the parent process never imports Keras."""
+    import keras
 
-    def __new__(cls):
-        import keras
+    class WindowTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.seconds = []
 
-        class Windows(keras.callbacks.Callback):
-            def __init__(self):
-                super().__init__()
-                self.seconds = []
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
 
-            def on_epoch_begin(self, epoch, logs=None):
-                self.start = time.perf_counter()
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds.append(time.perf_counter() - self.start)
 
-            def on_epoch_end(self, epoch, logs=None):
-                self.seconds.append(time.perf_counter() - self.start)
-
-        return Windows()
+    return WindowTimer()
 
 
 def _trainer(spec, tiled):
@@ -214,7 +213,7 @@ def _trainer(spec, tiled):
     model.fit(data, steps_per_epoch=3, epochs=1, verbose=0)  # tracing
 
     def run(windows):
-        timer = _Windows()
+        timer = _window_timer()
         model.fit(data, steps_per_epoch=FLAGS.steps, epochs=windows, verbose=0,
                   callbacks=[timer])
         return [t / FLAGS.steps for t in timer.seconds]

@@ -101,3 +101,22 @@ def test_per_input_projections_remove_multiply_adds_at_paper_size():
     tiled = flops.train_matmuls(config, 100, 0, tiled=True)
     forward = lambda ms: sum(m.rows * m.n_in * m.n_out for m in ms)  # noqa: E731
     assert 0.11 < 1 - forward(ours) / forward(tiled) < 0.14
+
+
+def test_quick_suite_prints_every_table():
+    """bench/throughput.py end to end at toy size: every table, one row per measurement."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run([sys.executable, "bench/throughput.py", "--suite=quick", "--steps=2",
+                             "--windows=2", "--repeats=1"], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    for header in ("| data pipeline |", "| square matmul", "| train step |",
+                   "| per-input projections vs tiled reference", "| IW bound |"):
+        assert header in out, out
+    rows = [line for line in out.splitlines() if line.startswith("| 64/32, K=10")]
+    assert len(rows) == 5 and sum("reference (tiled)" in r for r in rows) == 1, out

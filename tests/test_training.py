@@ -168,3 +168,29 @@ def test_batch_norm_moments_cover_every_leading_axis():
         out = norm(x, training=True, collect=collect).numpy()
         np.testing.assert_allclose(out.mean(axis=(0, 1)), 0.0, atol=1e-5)
         np.testing.assert_allclose(out.std(axis=(0, 1)), 1.0, atol=1e-2)
+
+
+def test_fused_batch_norm_matches_keras_batch_normalization():
+    """networks.BatchNorm in training (the fused kernel over all leading axes) gives Keras'
+    BatchNormalization on the flattened input: outputs, gradients and moving statistics."""
+    from cagem_tf.networks import BatchNorm
+    x = tf.random.stateless_normal([3, 4, 50, 16], [1, 2]) * 3.0 + 1.0
+    ours, keras_bn = BatchNorm(momentum=0.9), keras.layers.BatchNormalization(momentum=0.9)
+    ours.build(x.shape)
+    keras_bn.build([None, 16])
+    rng = np.random.default_rng(0)
+    weights = [rng.normal(1.0, 0.3, 16), rng.normal(0.0, 0.3, 16), rng.normal(0.0, 1.0, 16),
+               rng.uniform(0.5, 2.0, 16)]
+    ours.set_weights(weights)
+    keras_bn.set_weights(weights)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        y_ours = ours(x, training=True)
+        y_keras = tf.reshape(keras_bn(tf.reshape(x, [-1, 16]), training=True), x.shape)
+        loss_ours, loss_keras = tf.reduce_sum(tf.sin(y_ours)), tf.reduce_sum(tf.sin(y_keras))
+    np.testing.assert_allclose(y_ours, y_keras, atol=1e-5)
+    for a, b in zip(tape.gradient(loss_ours, [x, ours.gamma, ours.beta]),
+                    tape.gradient(loss_keras, [x, keras_bn.gamma, keras_bn.beta])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ours.moving_mean, keras_bn.moving_mean, atol=1e-6)
+    np.testing.assert_allclose(ours.moving_variance, keras_bn.moving_variance, rtol=1e-5)

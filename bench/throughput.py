@@ -120,10 +120,12 @@ def measure_pipeline(spec):
     return {"examples_per_s": steps * TRAIN["batch"] / seconds}
 
 
-def _time(fn, repeats):
-    """Median seconds of `repeats` calls, after one discarded call (tracing, warm-up)."""
+def _time(fn, repeats, warm_up=True):
+    """Median seconds of `repeats` calls, after one discarded call (tracing, warm-up) unless
+    the caller has made it."""
     import numpy as np
-    fn()
+    if warm_up:
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -272,7 +274,7 @@ def measure_iw(spec):
                         jit_compile=spec["xla"])
     bound(x, tf.constant(1)).numpy()  # tracing, one chunk
     samples = tf.constant(spec["samples"])
-    seconds = _time(lambda: bound(x, samples).numpy(), FLAGS.repeats)
+    seconds = _time(lambda: bound(x, samples).numpy(), FLAGS.repeats, warm_up=False)
     flops = 2 * total_macs(iw_matmuls(model.get_config(), n, spec["samples"],
                                       spec["estimator"]))
     return {"images_per_s": n / seconds, "full_test_h": TEST_IMAGES * seconds / n / 3600,

@@ -88,6 +88,23 @@ def load_trained(model_dir: str, checkpoint: str | None = None) -> CaGeM:
     return model
 
 
+def evaluation_images(model_dir: str, subset: int = 0, split: str = "test", log=print):
+    """(config, x, y) of a run: the first `subset` images (0: all) of its test split or of its
+    --validation hold-out, binarized once with the run's seed, as every evaluation scores them."""
+    config_path = os.path.join(model_dir, rundir.CONFIG)
+    if not os.path.isfile(config_path):
+        raise rundir.RunError(f"{model_dir}: no {rundir.CONFIG}; is it a run directory?")
+    config = rundir.read_json(config_path)
+    arrays = data.load(config["dataset"], config.get("data_dir"), config.get("manual_dir"),
+                       log=log)
+    if split == "validation":
+        if not config.get("validation"):
+            raise rundir.RunError(f"{model_dir} was trained without --validation")
+        arrays = data.hold_out(arrays, config["validation"], config["seed"])
+    n = min(subset or len(arrays.x_test), len(arrays.x_test))
+    return config, data.binarize_once(arrays.x_test[:n], config["seed"]), arrays.y_test[:n]
+
+
 def _labelled_subset(arrays, config, resuming, path):
     """The labelled indices of the run, checked against those saved when it began."""
     labelled = data.labelled_indices(arrays.y_train, config["labels"], arrays.num_classes,

@@ -49,10 +49,7 @@ def run(model_dir, rows, images, repeats, batch_size):
         raise rundir.RunError("--images and --batch_size must be >= 1 and --repeats >= 2 (the "
                               "spread needs two seeds)")
     model = training.load_trained(model_dir)
-    config = rundir.read_json(os.path.join(model_dir, rundir.CONFIG))
-    arrays = data.load(config["dataset"], config.get("data_dir"), config.get("manual_dir"),
-                       log=lambda m: None)
-    x = data.binarize_once(arrays.x_test[:images], config["seed"])
+    _, x, _ = training.evaluation_images(model_dir, images, log=lambda m: None)
     print(f"{model_dir}: {len(x)} test images, {repeats} seeds, {time.strftime('%Y-%m-%d')}\n")
     results = evaluation.compare_estimators(model, x, rows, repeats, batch_size)
     print(evaluation.estimators_markdown(results))

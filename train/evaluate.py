@@ -45,20 +45,9 @@ def evaluate(model_dir, checkpoint=None, iw_samples=(1, 10, 5000), subset=0, bat
                                                                  and chunk_size < 1):
         raise rundir.RunError("--iw_samples, --batch_size and --chunk_size must be >= 1 and "
                               "--subset >= 0")
-    config_path = os.path.join(model_dir, rundir.CONFIG)
-    if not os.path.isfile(config_path):
-        raise rundir.RunError(f"{model_dir}: no {rundir.CONFIG}; is it a run directory?")
-    config = rundir.read_json(config_path)
+    config, x, y = training.evaluation_images(model_dir, subset, split, log)
     model = training.load_trained(model_dir, checkpoint)
-    arrays = data.load(config["dataset"], config.get("data_dir"), config.get("manual_dir"),
-                       log=log)
-    if split == "validation":
-        if not config.get("validation"):
-            raise rundir.RunError(f"{model_dir} was trained without --validation")
-        arrays = data.hold_out(arrays, config["validation"], config["seed"])
-    n = min(subset or len(arrays.x_test), len(arrays.x_test))
-    x = data.binarize_once(arrays.x_test[:n], config["seed"])
-    y = arrays.y_test[:n]
+    n = len(x)
     out_dir = os.path.join(model_dir, "evaluation")
     os.makedirs(out_dir, exist_ok=True)
 

@@ -11,6 +11,7 @@ network multiplies the concatenation of all its inputs broadcast to the network'
 shape.
 """
 
+import math
 from dataclasses import dataclass
 
 
@@ -51,9 +52,7 @@ def _network(name, inputs, rows, widths, heads, tiled, trained, grad_first_input
 def train_matmuls(config: dict, batch: int, labelled_batch: int, tiled: bool = False):
     """The matmuls of one train step on `batch` unlabelled and `labelled_batch` labelled
     examples, for a model with `CaGeM.get_config()` entries `config`."""
-    D = 1
-    for d in config["image_shape"]:
-        D *= d
+    D = math.prod(config["image_shape"])
     K, d1, d2 = config["num_clusters"], config["z1_dim"], config["z2_dim"]
     lower, upper, S = config["hidden_lower"], config["hidden_upper"], config["num_samples"]
     skip = config["skip_connection"]
@@ -95,9 +94,7 @@ def iw_matmuls(config: dict, images: int, samples: int, estimator: str = "exact"
     """The forward matmuls of the IW bound over `images` images with `samples` samples each,
     x-only work once per image; y summed ("exact") or drawn once per sample ("sampled").
     The exact weight sum_y p(x,y,z1,z2^y) / (q(z1|x) q(z2^y|x,y,z1)) does not involve q(y|z1,x)."""
-    D = 1
-    for d in config["image_shape"]:
-        D *= d
+    D = math.prod(config["image_shape"])
     K, d1, d2 = config["num_clusters"], config["z1_dim"], config["z2_dim"]
     lower, upper = config["hidden_lower"], config["hidden_upper"]
     B, SB = images, samples * images

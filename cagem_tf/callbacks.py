@@ -37,6 +37,28 @@ class KLWarmup(keras.callbacks.Callback):
             self.model.temperature.assign(self.temperature(self.epoch + batch / steps))
 
 
+class Anneal(keras.callbacks.Callback):
+    """Sets the model's scalar weight `name` to start * max(0, 1 - t / epochs) before each step,
+    t = epoch + step / steps_per_epoch: linear from `start` to 0, then 0 for good."""
+
+    def __init__(self, name: str, start: float, epochs: int):
+        super().__init__()
+        self.name, self.start, self.epochs = name, start, epochs
+        self.epoch = 0
+
+    def value(self, t: float) -> float:
+        return self.start * max(0.0, 1.0 - t / self.epochs) if self.epochs > 0 else 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+        getattr(self.model, self.name).assign(self.value(epoch))
+
+    def on_train_batch_begin(self, batch, logs=None):
+        steps = self.params.get("steps")
+        if steps and self.epoch < self.epochs:
+            getattr(self.model, self.name).assign(self.value(self.epoch + batch / steps))
+
+
 def step_decay(learning_rate: float, decay: float, decay_epochs: int):
     """epoch -> learning_rate * decay ** (epoch // decay_epochs), for LearningRateScheduler."""
     def schedule(epoch, current=None):

@@ -299,20 +299,28 @@ class Streams:
 
 def streams(arrays: Arrays, labelled: np.ndarray, batch_size: int = 100,
             labelled_batch_size: int = 100, seed: int = 0, test_batch_size: int = 500,
-            test_binarization: str = "fixed") -> Streams:
+            test_binarization: str = "fixed", pseudo_labels: np.ndarray | None = None) -> Streams:
     """The paper's streams: an unlabelled batch from the whole training set (labelled points
-    included) and a labelled batch from the labelled points at every step."""
+    included) and a labelled batch from the labelled points at every step.
+
+    pseudo_labels [N_train], when given, go with each unlabelled image as "y_pseudo".
+    """
     n = len(arrays.x_train)
     if not 0 < batch_size <= n:
         raise DataError(f"--batch_size {batch_size}: must be in 1..{n} (the training set size)")
     if labelled_batch_size <= 0:
         raise DataError(f"--labelled_batch_size {labelled_batch_size}: must be positive")
     autotune = tf.data.AUTOTUNE
-    unlabelled = (tf.data.Dataset.from_tensor_slices(arrays.x_train)
-                  .shuffle(n, seed=seed, reshuffle_each_iteration=True)
+    if pseudo_labels is None:
+        unlabelled = tf.data.Dataset.from_tensor_slices(arrays.x_train)
+        element = lambda x, s: {"x": binarize(x, s)}
+    else:
+        unlabelled = tf.data.Dataset.from_tensor_slices(
+            (arrays.x_train, np.asarray(pseudo_labels, np.int32)))
+        element = lambda xy, s: {"x": binarize(xy[0], s), "y_pseudo": xy[1]}
+    unlabelled = (unlabelled.shuffle(n, seed=seed, reshuffle_each_iteration=True)
                   .batch(batch_size, drop_remainder=True))
-    train = _with_noise_seeds(unlabelled, seed).map(
-        lambda x, s: {"x": binarize(x, s)}, num_parallel_calls=autotune)
+    train = _with_noise_seeds(unlabelled, seed).map(element, num_parallel_calls=autotune)
     if len(labelled):
         size = min(labelled_batch_size, len(labelled))
         pairs = (tf.data.Dataset.from_tensor_slices(

@@ -8,6 +8,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from cagem_tf import clustering
+
 tfd = tfp.distributions
 
 ACTIVE_THRESHOLD = 0.01
@@ -143,6 +145,35 @@ def estimators_markdown(results) -> str:
                      f"{diff.mean():+.3f} ± {diff.std() / np.sqrt(len(diff)):.3f} | "
                      f"{seconds:.3f} |")
     return "\n".join(lines)
+
+
+def cluster_probs(model, x, seed: int = 0, batch_size: int = 500):
+    """(p(y|x), q(y|x)) [N,K] of the Monte Carlo classifiers, in batches with fixed seeds."""
+    parts = [model.classify(x[start:start + batch_size], seed=tf.constant([seed, index]))
+             for index, start in enumerate(range(0, len(x), batch_size))]
+    return (np.concatenate([p.numpy() for p, _ in parts]),
+            np.concatenate([q.numpy() for _, q in parts]))
+
+
+def cluster_report(model, x, y=None, num_classes: int | None = None, seed: int = 0,
+                   batch_size: int = 500) -> dict:
+    """How the model uses y on images x (`clustering.usage` of q(y|x)); with labels y, the
+    clusters against them (`clustering.against_labels`); and the pieces of the cascade
+    classifier: agreement_pq, the share of images where argmax p(y|x) = argmax q(y|x), and
+    cross_entropy_p_y = E_q[-log p(y|z2^y)] (one sample)."""
+    p_y, q_y = cluster_probs(model, x, seed, batch_size)
+    report = clustering.usage(q_y)
+    if y is not None:
+        report.update(clustering.against_labels(q_y, y, num_classes or int(np.max(y)) + 1))
+    report["agreement_pq"] = float(np.mean(np.argmax(p_y, -1) == np.argmax(q_y, -1)))
+    total = 0.0
+    for index, start in enumerate(range(0, len(x), batch_size)):
+        terms = model.latent_terms(x[start:start + batch_size], 1,
+                                   seed=tf.constant([seed, 1000 + index]))
+        q = tf.transpose(tf.nn.softmax(terms["q_y_logits"]), [2, 0, 1])      # [K,1,B]
+        total += float(tf.reduce_sum(q * -terms["log_p_y"]))
+    report["cross_entropy_p_y"] = total / len(x)
+    return report
 
 
 def classifier_errors(model, x, y, seed: int = 0, batch_size: int = 500):

@@ -28,8 +28,8 @@ tfd = tfp.distributions
 IW_CHUNK = {"exact": 100, "sampled": 500}
 # The six conditional networks, inference model first.
 NETWORKS = ("q_z1", "q_y", "q_z2", "p_y", "p_z1", "p_x")
-METRIC_NAMES = ("loss", "elbo", "log_px", "kl_z1", "kl_z2", "kl_y",
-                "h_p", "h_q", "accuracy_p", "accuracy_q", "alpha")
+METRIC_NAMES = ("loss", "elbo", "log_px", "kl_z1", "kl_z2", "kl_y", "batch_usage",
+                "h_p", "h_q", "accuracy_p", "accuracy_q", "alpha", "h_pseudo")
 
 
 def _widths(hidden) -> tuple[int, ...]:
@@ -53,13 +53,21 @@ class CaGeM(keras.Model):
       classifier_samples: samples used by the classifiers in `test_step`.
       seed: seed of the model's random stream (sampling in training and evaluation).
       synchronized_bn: batch normalization over the global batch when replicas split it.
+      y_init_stddev: > 0 draws the first-layer weights of the one-hot y in q(z2|x,y,z1),
+        p(z1|y,z2) and p(x|y,z1) from N(0, y_init_stddev^2), so that the K branches differ
+        from the start; 0 keeps Keras' Glorot initialisation (the paper leaves it open).
+      shared_noise: draw z2^y = mu_y + sigma_y * eps with one eps for every y (common random
+        numbers): the per-branch terms then differ by the branches, not by their noise. Each
+        z2^y still follows q(z2|x,y,z1), so the ELBO and the IW bound are unchanged in
+        expectation.
     """
 
     def __init__(self, image_shape: Sequence[int] = (28, 28, 1), num_clusters: int = 10,
                  z1_dim: int = 64, z2_dim: int = 32, hidden_lower=(1024, 1024),
                  hidden_upper=(512, 512), skip_connection: bool = True, num_samples: int = 1,
                  classifier_samples: int = 10, seed: int | None = None,
-                 synchronized_bn: bool = False, **kwargs):
+                 synchronized_bn: bool = False, y_init_stddev: float = 0.0,
+                 shared_noise: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.image_shape = tuple(int(d) for d in image_shape)
         self.data_dim = int(np.prod(self.image_shape))
@@ -73,21 +81,29 @@ class CaGeM(keras.Model):
         self.classifier_samples = int(classifier_samples)
         self.seed = seed
         self.synchronized_bn = bool(synchronized_bn)
+        self.y_init_stddev = float(y_init_stddev)
+        self.shared_noise = bool(shared_noise)
         K, lower, upper = self.num_clusters, self.hidden_lower, self.hidden_upper
         sync = {"synchronized_bn": self.synchronized_bn}
+        y_first = {**sync, "first_input_stddev": self.y_init_stddev}
 
         # Inference model q(y,z1,z2|x); the comments give each network's inputs in order.
         self.q_z1 = GaussianNet(z1_dim, lower, 1, name="q_z1", **sync)                 # x
         self.q_y = CategoricalNet(K, lower, 2, name="q_y", **sync)                     # z1, x
         self.q_z2 = GaussianNet(z2_dim, upper, 3 if skip_connection else 2, name="q_z2",
-                                **sync)                                               # y, z1, x
+                                **y_first)                                               # y, z1, x
         # Generative model p(x,y,z1,z2).
         self.p_y = CategoricalNet(K, upper, 1, name="p_y", **sync)                     # z2
-        self.p_z1 = GaussianNet(z1_dim, upper, 2, name="p_z1", **sync)                 # y, z2
-        self.p_x = BernoulliNet(self.data_dim, lower, 2, name="p_x", **sync)           # y, z1
+        self.p_z1 = GaussianNet(z1_dim, upper, 2, name="p_z1", **y_first)               # y, z2
+        self.p_x = BernoulliNet(self.data_dim, lower, 2, name="p_x", **y_first)         # y, z1
 
         self.temperature = self.add_weight(shape=(), initializer="ones", trainable=False,
                                            name="temperature")
+        # Weights of the opt-in departures (see `train_step`), moved by a schedule callback.
+        self.usage_weight = self.add_weight(shape=(), initializer="zeros", trainable=False,
+                                            name="usage_weight")
+        self.pseudo_weight = self.add_weight(shape=(), initializer="zeros", trainable=False,
+                                             name="pseudo_weight")
         self.seed_generator = keras.random.SeedGenerator(seed, name="seed_generator")
         self.alpha = 0.0
         self.trackers = {}
@@ -162,7 +178,12 @@ class CaGeM(keras.Model):
         q_z2 = self.q_z2.distribution(self.q_z2_inputs(y, z1, None), training=training,
                                       collect=collect,
                                       projected=parts["q_z2"])                    # batch [K,S,B]
-        z2 = q_z2.sample(seed=seed_z2)                                            # [K,S,B,d2]
+        if self.shared_noise:
+            eps = tf.random.stateless_normal(
+                tf.concat([tf.shape(z1)[:-1], [self.z2_dim]], 0), seed_z2)        # [S,B,d2]
+            z2 = q_z2.mean() + q_z2.stddev() * eps                                # [K,S,B,d2]
+        else:
+            z2 = q_z2.sample(seed=seed_z2)                                        # [K,S,B,d2]
         p_y = self.p_y.distribution([z2], training=training, collect=collect)   # batch [K,S,B]
         p_z1 = self.p_z1.distribution([y, z2], training=training, collect=collect)
         p_x = self.p_x.distribution([y, z1], training=training, collect=collect)  # [K,S,B]
@@ -312,10 +333,16 @@ class CaGeM(keras.Model):
 
     # ----------------------------------------------------------------------------------------
     # Training
-    def compile(self, optimizer="adam", alpha: float = 0.0, **kwargs):
-        """alpha weighs the labelled cross-entropies: see `objective.alpha`."""
+    def compile(self, optimizer="adam", alpha: float = 0.0, cluster_usage: bool = False,
+                pseudo_labels: bool = False, **kwargs):
+        """alpha weighs the labelled cross-entropies: see `objective.alpha`.
+
+        cluster_usage, pseudo_labels: put the opt-in departures of `train_step` in the step;
+        their weights are `usage_weight` and `pseudo_weight`.
+        """
         super().compile(optimizer=optimizer, **kwargs)
         self.alpha = float(alpha)
+        self.cluster_usage, self.pseudo_labels = bool(cluster_usage), bool(pseudo_labels)
         self.trackers = {name: keras.metrics.Mean(name=name) for name in METRIC_NAMES}
 
     @property
@@ -344,36 +371,59 @@ class CaGeM(keras.Model):
         The labelled pass normalises with batch moments but does not collect BN statistics.
         The step's noise is seeded by (seed, optimizer step): a run restored from a checkpoint
         continues the same random stream.
+
+        Opt-in departures from the paper (each weight annealed to 0 by a schedule, so the
+        objective at the end is the paper's):
+          cluster usage: J += usage_weight * H(mean_b q(y|z1_b,x_b)), the entropy of the
+            batch's mean cluster distribution (all variables);
+          pseudo-labels: J -= pseudo_weight * mean_b -log q(y_b'|z1_b,x_b) for the k-means
+            label y_b' of each unlabelled image ("y_pseudo"), through `classifier_variables`
+            only, like the labelled cross-entropies.
+        `batch_usage` is logged in every run.
         """
         step_seed = tf.stack([tf.constant(self.seed or 0, tf.int32),
                               tf.cast(self.optimizer.iterations, tf.int32)])
         seed_u, seed_l = tfp.random.split_seed(step_seed, n=2)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         labelled = "x_labelled" in data and self.alpha > 0
-        with tf.GradientTape(persistent=labelled) as tape:
-            parts = self.elbo(data["x"], seed=seed_u, training=True)
+        pseudo = self.pseudo_labels and "y_pseudo" in data
+        restricted_loss = tf.constant(0.0)
+        with tf.GradientTape(persistent=labelled or pseudo) as tape:
+            terms = self.latent_terms(data["x"], seed=seed_u, training=True)
+            parts = objective.elbo(terms, self.temperature)
+            usage = objective.batch_usage(terms["q_y_logits"])
             loss = -tf.reduce_mean(parts["objective"])
+            if self.cluster_usage:
+                loss = loss - self.usage_weight * usage
             scaled_loss = loss / replicas  # replicas' gradients are summed
             if labelled:
                 ce = self._labelled_terms(data["x_labelled"], data["y_labelled"], seed_l,
                                           training=True, collect=False)
-                ce_loss = self.alpha * (ce["h_p"] + ce["h_q"])
-                scaled_ce_loss = ce_loss / replicas
+                restricted_loss += self.alpha * (ce["h_p"] + ce["h_q"])
+            if pseudo:
+                h_pseudo = objective.cross_entropy(
+                    tf.nn.log_softmax(terms["q_y_logits"][0]), data["y_pseudo"])
+                restricted_loss += self.pseudo_weight * h_pseudo
+            scaled_restricted_loss = restricted_loss / replicas
         variables = self.trainable_variables
         grads = tape.gradient(scaled_loss, variables)
         values = {name: tf.reduce_mean(parts[name])
                   for name in ("elbo", "log_px", "kl_z1", "kl_z2", "kl_y")}
-        if labelled:
+        values["batch_usage"] = usage
+        if labelled or pseudo:
             index = {id(v): i for i, v in enumerate(variables)}
             restricted = self.classifier_variables
-            ce_grads = tape.gradient(scaled_ce_loss, restricted)
+            ce_grads = tape.gradient(scaled_restricted_loss, restricted)
             for v, g in zip(restricted, ce_grads):
                 if g is not None:
                     grads[index[id(v)]] = grads[index[id(v)]] + g
             del tape
+            loss = loss + restricted_loss
+        if labelled:
             values.update(ce)
             values["alpha"] = self.alpha
-            loss = loss + ce_loss
+        if pseudo:
+            values["h_pseudo"] = h_pseudo
         self.optimizer.apply(grads, variables)
         values["loss"] = loss
         return self._update(values)
@@ -393,4 +443,6 @@ class CaGeM(keras.Model):
                 "z1_dim": self.z1_dim, "z2_dim": self.z2_dim, "hidden_lower": self.hidden_lower,
                 "hidden_upper": self.hidden_upper, "skip_connection": self.skip_connection,
                 "num_samples": self.num_samples, "classifier_samples": self.classifier_samples,
-                "seed": self.seed, "synchronized_bn": self.synchronized_bn, "name": self.name}
+                "seed": self.seed, "synchronized_bn": self.synchronized_bn,
+                "y_init_stddev": self.y_init_stddev, "shared_noise": self.shared_noise,
+                "name": self.name}

@@ -75,14 +75,21 @@ class Conditional(keras.Model):
     """
 
     def __init__(self, num_inputs: int, hidden: Sequence[int], head_units: dict[str, int],
-                 bn_momentum: float = 0.9, synchronized_bn: bool = False, **kwargs):
+                 bn_momentum: float = 0.9, synchronized_bn: bool = False,
+                 first_input_stddev: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         hidden = tuple(int(h) for h in hidden)
         if not hidden or min(hidden) <= 0:
             raise ValueError(f"hidden widths must be positive integers, got {hidden}")
         self.num_inputs = num_inputs
         # No biases before batch normalization: its offset makes them redundant.
-        self.projections = [keras.layers.Dense(hidden[0], use_bias=False, name=f"input_{i}")
+        # first_input_stddev > 0: the first input's kernel ~ N(0, stddev^2) instead of Glorot;
+        # CaGeM uses it for the one-hot y, whose Glorot rows are small beside x's projection.
+        first = (keras.initializers.RandomNormal(stddev=first_input_stddev)
+                 if first_input_stddev > 0 else "glorot_uniform")
+        self.projections = [keras.layers.Dense(hidden[0], use_bias=False, name=f"input_{i}",
+                                               kernel_initializer=first if i == 0
+                                               else "glorot_uniform")
                             for i in range(num_inputs)]
         self.hidden_layers = [keras.layers.Dense(w, use_bias=False, name=f"hidden_{i + 1}")
                               for i, w in enumerate(hidden[1:])]

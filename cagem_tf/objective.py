@@ -66,6 +66,14 @@ def alpha(beta: float, num_unlabelled: int, num_labelled: int) -> float:
     return beta * (num_unlabelled + num_labelled) / num_labelled
 
 
+def batch_usage(q_y_logits):
+    """H(mean_{s,b} q(y|z1_s,x_b)) in nats: the entropy of the batch's mean cluster
+    distribution, log K when the batch spreads evenly over K clusters, 0 when one cluster takes
+    it all. q_y_logits [S,B,K] -> scalar."""
+    mean = tf.reduce_mean(tf.nn.softmax(q_y_logits), axis=[0, 1])
+    return -tf.reduce_sum(mean * tf.math.log(mean + 1e-12))
+
+
 def cross_entropy(log_probs, labels):
     """Mean over the batch of -log prob[label]; log_probs [B,K], labels int [B]."""
     labels = tf.cast(labels, tf.int32)

@@ -8,7 +8,7 @@ import os
 import keras
 import tensorflow as tf
 
-from cagem_tf import callbacks, data, objective, rundir
+from cagem_tf import callbacks, clustering, data, objective, rundir
 from cagem_tf.model import CaGeM
 
 DEFAULTS = dict(
@@ -18,7 +18,8 @@ DEFAULTS = dict(
     skip_connection=True, num_samples=1, seed=0, model_dir="runs/cagem", data_dir=None,
     manual_dir=None, validation=0, test_binarization="fixed", eval_every=10,
     eval_iw_samples=100, eval_subset=1000, export_every=0, keep_checkpoints=3,
-    strategy="default", fresh=False, verbose=1)
+    strategy="default", fresh=False, verbose=1, clip_norm=0.0, y_init_stddev=0.0,
+    shared_noise=False, cluster_usage=0.0, pseudo_labels=0.0, departure_epochs=5)
 # Settings that may differ when a run is resumed: they do not change what is being trained.
 MAY_CHANGE = ("epochs", "eval_every", "eval_iw_samples", "eval_subset", "export_every",
               "keep_checkpoints", "data_dir", "manual_dir", "strategy", "fresh", "verbose",
@@ -62,8 +63,12 @@ def build_model(config: dict, image_shape, num_clusters: int, alpha: float,
                   z2_dim=config["z2_dim"], hidden_lower=config["hidden_lower"],
                   hidden_upper=config["hidden_upper"],
                   skip_connection=config["skip_connection"], num_samples=config["num_samples"],
-                  seed=config["seed"], synchronized_bn=synchronized_bn)
-    model.compile(keras.optimizers.Adam(config["learning_rate"]), alpha=alpha)
+                  seed=config["seed"], synchronized_bn=synchronized_bn,
+                  y_init_stddev=config["y_init_stddev"], shared_noise=config["shared_noise"])
+    clip = {"global_clipnorm": config["clip_norm"]} if config["clip_norm"] > 0 else {}
+    model.compile(keras.optimizers.Adam(config["learning_rate"], **clip), alpha=alpha,
+                  cluster_usage=config["cluster_usage"] > 0,
+                  pseudo_labels=config["pseudo_labels"] > 0)
     return model
 
 
@@ -126,7 +131,8 @@ def check_config(config: dict) -> None:
         if config[key] < 1:
             raise rundir.RunError(f"--{key} {config[key]}: must be at least 1")
     for key in ("warmup_epochs", "eval_every", "eval_iw_samples", "eval_subset", "export_every",
-                "validation", "clusters"):
+                "validation", "clusters", "clip_norm", "y_init_stddev", "cluster_usage",
+                "pseudo_labels", "departure_epochs"):
         if config[key] < 0:
             raise rundir.RunError(f"--{key} {config[key]}: must be 0 or more")
     if not config["learning_rate"] > 0 or not 0 < config["lr_decay"] <= 1:
@@ -165,9 +171,13 @@ def train(config: dict, log=print, exporter=None) -> dict:
     resuming = rundir.prepare(model_dir, config, config["fresh"], MAY_CHANGE, log=log)
     labelled = _labelled_subset(arrays, config, resuming, os.path.join(model_dir,
                                                                         LABELLED_INDICES))
+    pseudo = None
+    if config["pseudo_labels"] > 0:
+        log(f"k-means ({clusters} centres) of the training images for --pseudo_labels")
+        pseudo = clustering.kmeans(arrays.x_train / 255.0, clusters, config["seed"])
     streams = data.streams(arrays, labelled, config["batch_size"],
                            config["labelled_batch_size"], config["seed"],
-                           test_binarization=config["test_binarization"])
+                           test_binarization=config["test_binarization"], pseudo_labels=pseudo)
     alpha = objective.alpha(config["beta"], streams.num_unlabelled, streams.num_labelled)
     with strategy.scope():
         model = build_model(config, arrays.image_shape, clusters, alpha,
@@ -191,6 +201,8 @@ def train(config: dict, log=print, exporter=None) -> dict:
     fit_callbacks = [
         callbacks.KLWarmup(config["warmup_epochs"]),
         keras.callbacks.LearningRateScheduler(schedule),
+        callbacks.Anneal("usage_weight", config["cluster_usage"], config["departure_epochs"]),
+        callbacks.Anneal("pseudo_weight", config["pseudo_labels"], config["departure_epochs"]),
         keras.callbacks.TerminateOnNaN(),
         checkpoint,
         keras.callbacks.TensorBoard(log_dir, write_graph=False, update_freq="epoch"),

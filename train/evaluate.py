@@ -62,6 +62,7 @@ def evaluate(model_dir, checkpoint=None, iw_samples=(1, 10, 5000), subset=0, bat
                                      "stderr": float(np.std(values) / np.sqrt(n))}
     if config["labels"]:
         results["error_p"], results["error_q"] = evaluation.classifier_errors(model, x, y, seed)
+    results["clusters_report"] = evaluation.cluster_report(model, x, y, None, seed)
     latent = evaluation.latent_summary(model, x, seed)
     results.update({k: v for k, v in latent.items() if not k.endswith("_means")})
     rundir.write_json(os.path.join(out_dir, "results.json"), results)

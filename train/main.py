@@ -67,6 +67,21 @@ flags.DEFINE_bool("fresh", D["fresh"], "Start over: an existing run in --model_d
                   "aside to <model_dir>.<time>.")
 flags.DEFINE_integer("verbose", D["verbose"], "Keras progress: 0 silent, 1 bar, 2 a line per "
                      "epoch.")
+flags.DEFINE_float("clip_norm", D["clip_norm"], "Clip the gradient to this global norm; 0: "
+                   "no clipping (the paper does not say).")
+flags.DEFINE_float("y_init_stddev", D["y_init_stddev"], "Initialise the first-layer weights of "
+                   "the one-hot y from N(0, s^2); 0: Glorot (the paper does not say).")
+flags.DEFINE_bool("shared_noise", D["shared_noise"], "One noise draw for z2 in every y branch "
+                  "(common random numbers; the same objective in expectation).")
+flags.DEFINE_float("cluster_usage", D["cluster_usage"], "DEPARTURE from the paper: weight of "
+                   "the batch's cluster entropy H(mean q(y|x)) added to the objective, annealed "
+                   "to 0 over --departure_epochs.")
+flags.DEFINE_float("pseudo_labels", D["pseudo_labels"], "DEPARTURE from the paper: weight of "
+                   "a cross-entropy of q(y|z1,x) on k-means labels of the unlabelled images "
+                   "(restricted to the classifier networks), annealed to 0 over "
+                   "--departure_epochs.")
+flags.DEFINE_integer("departure_epochs", D["departure_epochs"], "Epochs over which "
+                     "--cluster_usage and --pseudo_labels fall linearly to 0.")
 cli.define_thread_flags()
 FLAGS = flags.FLAGS
 

@@ -1,6 +1,25 @@
-"""cagem-tf: the Cluster-aware Generative Model (Maaloe, Fraccaro, Winther 2017) in TF2/Keras 3."""
+"""cagem-tf: the Cluster-aware Generative Model (Maaloe, Fraccaro, Winther 2017) in TF2/Keras 3.
 
-from cagem_tf import objective
-from cagem_tf.model import CaGeM
+Modules (docs/architecture.md): networks, objective, model (the model); data, clustering;
+config, rundir (a run's settings and directory); callbacks, training (a training run);
+evaluation, report, figures (measures and the report); serving (SavedModels); cli (programs);
+benchmark (speed and FLOP counts). Submodules load on first use, so that a program that needs
+only TensorFlow (cagem-sample) does not import Keras models or TFP.
+"""
 
-__all__ = ["CaGeM", "objective"]
+import importlib
+
+__all__ = ["CaGeM", "Config", "objective"]
+_SUBMODULES = ("benchmark", "callbacks", "cli", "clustering", "config", "data", "evaluation",
+               "figures", "model", "networks", "objective", "report", "rundir", "serving",
+               "training")
+
+
+def __getattr__(name):
+    if name == "CaGeM":
+        return importlib.import_module("cagem_tf.model").CaGeM
+    if name == "Config":
+        return importlib.import_module("cagem_tf.config").Config
+    if name in _SUBMODULES:
+        return importlib.import_module(f"cagem_tf.{name}")
+    raise AttributeError(f"module 'cagem_tf' has no attribute {name!r}")

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cagem_tf import evaluation, figures, rundir
+from cagem_tf import evaluation, figures, rundir, serving
 
 
 class KLWarmup(keras.callbacks.Callback):
@@ -67,15 +67,6 @@ def step_decay(learning_rate: float, decay: float, decay_epochs: int):
     return schedule
 
 
-def model_checkpoint(model, **others) -> tf.train.Checkpoint:
-    """A tf.train.Checkpoint of every variable of `model` (and of `others`).
-
-    Keras 3 does not expose layers kept in lists as checkpoint dependencies, so the variables
-    are listed explicitly; their order is fixed by the architecture.
-    """
-    return tf.train.Checkpoint(weights=list(model.weights), **others)
-
-
 class EpochCheckpoint(keras.callbacks.Callback):
     """A tf.train checkpoint of the model, the optimizer (whose step count seeds the training
     noise, see `CaGeM.train_step`) and the epoch count at the end of every epoch whose loss is
@@ -90,7 +81,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         super().__init__()
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         model.optimizer.build(model.trainable_variables)
-        self.checkpoint = model_checkpoint(model, optimizer=model.optimizer, epoch=self.epoch)
+        self.checkpoint = model.checkpoint(optimizer=model.optimizer, epoch=self.epoch)
         self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=keep)
         self.bad_epoch = None
 
@@ -117,36 +108,39 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
 
 class PeriodicExport(keras.callbacks.Callback):
-    """exporter(model, export_dir) every `every` epochs, after the epoch's checkpoint, and never
-    for an epoch that `checkpoint` refused (a NaN or inf loss)."""
+    """A SavedModel every `every` epochs, after the epoch's checkpoint, and never for an epoch
+    that `checkpoint` refused (a NaN or inf loss); keeps the newest `keep` versions (0: all)."""
 
-    def __init__(self, exporter, export_dir: str, every: int, checkpoint: EpochCheckpoint,
+    def __init__(self, export_dir: str, every: int, checkpoint: EpochCheckpoint, keep: int = 0,
                  log=print):
         super().__init__()
-        self.exporter, self.export_dir, self.every = exporter, export_dir, every
+        self.export_dir, self.every, self.keep = export_dir, every, keep
         self.checkpoint, self.log = checkpoint, log
 
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every == 0 and self.checkpoint.bad_epoch is None:
-            self.log(f"exported {self.exporter(self.model, self.export_dir)}")
+            self.log(f"exported {serving.export(self.model, self.export_dir, self.keep)}")
 
 
 class Summaries(keras.callbacks.Callback):
-    """TensorBoard summaries beside Keras' per-epoch training scalars, written to `log_dir`.
+    """TensorBoard summaries beside Keras' per-epoch training scalars, in the run's logs/eval.
 
     Every epoch: learning rate, temperature, alpha. Every `eval_every` epochs (and at the last):
     the evaluation of `evaluation.periodic_metrics` on the fixed images `x_eval` (ELBO terms, IW
-    bound, classifier errors when labels are used, active units), per-unit KL histograms, image
-    grids of samples, class-conditional samples and reconstructions, and the z2 means of the
-    evaluation images for the Projector, labelled with their classes.
+    bound, classifier errors when labels are used, active units), cluster use
+    (`evaluation.cluster_report`: clusters used, I(x;y), mean entropy of q(y|x), purity, NMI,
+    ARI, and for runs with labels the agreement of p(y|x) and q(y|x) and E_q[-log p(y|z2)];
+    occupancy and cluster-by-label charts), per-unit KL histograms, image grids of samples,
+    class-conditional samples and reconstructions, and the z2 means of the evaluation images
+    for the Projector, with their label, cluster and epoch.
     """
 
-    def __init__(self, log_dir: str, x_eval, y_eval, eval_every: int, iw_samples: int,
-                 epochs: int, report_errors: bool, seed: int = 0, log=print):
+    def __init__(self, run: rundir.RunDir, x_eval, y_eval, num_classes: int, eval_every: int,
+                 iw_samples: int, epochs: int, report_errors: bool, seed: int = 0, log=print):
         super().__init__()
-        self.log_dir = log_dir
-        self.writer = tf.summary.create_file_writer(os.path.join(log_dir, "eval"))
-        self.x_eval, self.y_eval = x_eval, y_eval
+        self.run = run
+        self.writer = tf.summary.create_file_writer(run.logs("eval"))
+        self.x_eval, self.y_eval, self.num_classes = x_eval, y_eval, num_classes
         self.eval_every, self.iw_samples, self.epochs = eval_every, iw_samples, epochs
         self.report_errors, self.seed, self.log = report_errors, seed, log
 
@@ -166,16 +160,26 @@ class Summaries(keras.callbacks.Callback):
                                               seed=self.seed)
         shown = {k: v for k, v in metrics.items() if np.isscalar(v)
                  and (self.report_errors or not k.startswith("error"))}
+        clusters = evaluation.cluster_report(model, self.x_eval, self.y_eval, self.num_classes,
+                                             self.seed)
+        cluster_keys = ["clusters_used", "mutual_information", "mean_entropy", "purity", "nmi",
+                        "ari"]
+        if self.report_errors:
+            cluster_keys += ["agreement_pq", "cross_entropy_p_y"]
+        shown.update({k: clusters[k] for k in cluster_keys})
         for name, value in shown.items():
             tf.summary.scalar(f"eval/{name}", value)
+        tf.summary.image("clusters/occupancy",
+                         figures.occupancy_chart(clusters["occupancy"])[None])
+        tf.summary.image("clusters/cluster_by_label",
+                         figures.cluster_label_chart(clusters["cluster_by_label"])[None])
         tf.summary.histogram("kl_per_unit/z1", metrics["kl_z1_per_unit"])
         tf.summary.histogram("kl_per_unit/z2", metrics["kl_z2_per_unit"])
-        seed = tf.constant([self.seed, step], tf.int32)
-        tf.summary.image("samples", figures.grid(model.sample(100, seed=seed)[0].numpy(), 10)[None])
-        tf.summary.image("class_conditional", figures.class_grid(model, 10, seed)[None])
-        tf.summary.image("reconstructions",
-                         figures.reconstruction_grid(model, self.x_eval[:10])[None])
-        figures.write_projector(os.path.join(self.log_dir, "projector"), metrics["z2_means"],
-                                self.y_eval)
+        grids = figures.model_grids(model, self.x_eval, [self.seed, step])
+        for name, image in grids.items():
+            tf.summary.image(name, image[None])
+        figures.write_projector(self.run.logs("eval"), metrics["z2_means"], {
+            "label": self.y_eval, "cluster": np.argmax(clusters["q_y"], -1),
+            "epoch": np.full(len(self.y_eval), step)})
         self.log(f"epoch {step} evaluation: " + ", ".join(
             f"{k} {v:.4g}" for k, v in shown.items()))

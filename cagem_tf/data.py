@@ -284,22 +284,20 @@ def _with_noise_seeds(dataset, seed):
 
 @dataclasses.dataclass
 class Streams:
-    """The training stream (one pass over the unlabelled set per epoch) and the test stream.
+    """The training stream: one pass over the unlabelled set per epoch.
 
     train yields {"x": [B,H,W,1]} and, with labels, "x_labelled" [L,H,W,1], "y_labelled" [L]
-    (L = min(labelled_batch_size, N_l)); test yields {"x", "y"}. alpha uses N_u and N_l.
+    (L = min(labelled_batch_size, N_l)); with pseudo-labels "y_pseudo" [B]. alpha uses N_u and
+    N_l.
     """
     train: tf.data.Dataset
-    test: tf.data.Dataset
     num_unlabelled: int
     num_labelled: int
-    steps_per_epoch: int
-    labelled: np.ndarray
 
 
 def streams(arrays: Arrays, labelled: np.ndarray, batch_size: int = 100,
-            labelled_batch_size: int = 100, seed: int = 0, test_batch_size: int = 500,
-            test_binarization: str = "fixed", pseudo_labels: np.ndarray | None = None) -> Streams:
+            labelled_batch_size: int = 100, seed: int = 0,
+            pseudo_labels: np.ndarray | None = None) -> Streams:
     """The paper's streams: an unlabelled batch from the whole training set (labelled points
     included) and a labelled batch from the labelled points at every step.
 
@@ -330,19 +328,4 @@ def streams(arrays: Arrays, labelled: np.ndarray, batch_size: int = 100,
             lambda xy, s: (binarize(xy[0], s), xy[1]), num_parallel_calls=autotune)
         train = tf.data.Dataset.zip(train, pairs).map(
             lambda u, xy: {**u, "x_labelled": xy[0], "y_labelled": xy[1]})
-    test = test_stream(arrays.x_test, arrays.y_test, test_batch_size, seed, test_binarization)
-    return Streams(train.prefetch(autotune), test, n, len(labelled), n // batch_size, labelled)
-
-
-def test_stream(x, y, batch_size=500, seed=0, binarization="fixed"):
-    """{"x", "y"} batches of the evaluation images, binarized once ("fixed", with `seed`) or at
-    every pass ("dynamic")."""
-    if binarization == "fixed":
-        data = tf.data.Dataset.from_tensor_slices({"x": binarize_once(x, seed),
-                                                   "y": y.astype(np.int32)})
-        return data.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    if binarization != "dynamic":
-        raise DataError(f"--test_binarization {binarization}: use fixed or dynamic")
-    data = tf.data.Dataset.from_tensor_slices((x, y.astype(np.int32))).batch(batch_size)
-    return _with_noise_seeds(data, seed).map(
-        lambda xy, s: {"x": binarize(xy[0], s), "y": xy[1]}).prefetch(tf.data.AUTOTUNE)
+    return Streams(train.prefetch(autotune), n, len(labelled))

@@ -160,9 +160,9 @@ def cluster_report(model, x, y=None, num_classes: int | None = None, seed: int =
     """How the model uses y on images x (`clustering.usage` of q(y|x)); with labels y, the
     clusters against them (`clustering.against_labels`); and the pieces of the cascade
     classifier: agreement_pq, the share of images where argmax p(y|x) = argmax q(y|x), and
-    cross_entropy_p_y = E_q[-log p(y|z2^y)] (one sample)."""
+    cross_entropy_p_y = E_q[-log p(y|z2^y)] (one sample). "q_y" holds q(y|x) [N,K] itself."""
     p_y, q_y = cluster_probs(model, x, seed, batch_size)
-    report = clustering.usage(q_y)
+    report = {**clustering.usage(q_y), "q_y": q_y}
     if y is not None:
         report.update(clustering.against_labels(q_y, y, num_classes or int(np.max(y)) + 1))
     report["agreement_pq"] = float(np.mean(np.argmax(p_y, -1) == np.argmax(q_y, -1)))

@@ -1,4 +1,5 @@
-"""Image grids of samples and reconstructions, and the TensorBoard Projector files of z2."""
+"""Every picture of a model: image grids of samples and reconstructions, cluster charts, PCA
+plots, and the TensorBoard Projector files of z2."""
 
 import os
 
@@ -29,22 +30,82 @@ def reconstruction_grid(model, x):
     return grid(np.concatenate([x, model.reconstruct(x).numpy()]), len(x))
 
 
-def write_projector(directory: str, embeddings, labels):
-    """Files the TensorBoard Projector reads: a checkpoint holding `embeddings` [N,d], one label
-    per row in metadata.tsv, and projector_config.pbtxt naming both."""
+def model_grids(model, x, seed, per_class: int = 10) -> dict:
+    """The three grids every report shows: 100 samples, one row of samples per cluster, and
+    the first 10 images of x over their reconstructions."""
+    seed = tf.constant(seed, tf.int32)
+    return {"samples": grid(model.sample(100, seed=seed)[0].numpy(), 10),
+            "class_conditional": class_grid(model, per_class, seed),
+            "reconstructions": reconstruction_grid(model, x[:10])}
+
+
+def _rendered(fig):
+    """A matplotlib figure as an RGB image [H,W,3] in [0,1]."""
+    import matplotlib.pyplot as plt
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba(), np.float32)[..., :3] / 255.0
+    plt.close(fig)
+    return image
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def occupancy_chart(occupancy, title: str = "images per cluster (argmax q(y|x))"):
+    """Bars of the images per cluster, [H,W,3]."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=80)
+    ax.bar(np.arange(len(occupancy)), occupancy, color="tab:blue")
+    ax.set_xlabel("cluster y")
+    ax.set_ylabel("images")
+    ax.set_title(title, fontsize=9)
+    return _rendered(fig)
+
+
+def cluster_label_chart(table):
+    """The cluster-by-label counts [K,C] as a shaded table with the counts written in, [H,W,3]."""
+    plt = _pyplot()
+    table = np.asarray(table)
+    fig, ax = plt.subplots(figsize=(1 + 0.45 * table.shape[1], 1 + 0.35 * table.shape[0]),
+                           dpi=80)
+    ax.imshow(table, cmap="Blues", aspect="auto")
+    if table.size <= 400:
+        for (k, c), n in np.ndenumerate(table):
+            ax.text(c, k, str(n), ha="center", va="center", fontsize=6,
+                    color="white" if n > table.max() / 2 else "black")
+    ax.set_xlabel("label")
+    ax.set_ylabel("cluster y")
+    ax.set_title("images per cluster and label", fontsize=9)
+    return _rendered(fig)
+
+
+def write_projector(directory: str, embeddings, columns: dict, name: str = "z2_means"):
+    """Files the TensorBoard Projector reads, written into `directory`: a checkpoint holding
+    `embeddings` [N,d] as the variable `name`, metadata.tsv with one row per embedding and one
+    column per entry of `columns` (name -> [N] values; a header row when there are several),
+    and projector_config.pbtxt naming both. TensorBoard finds them in a run's directory (one
+    holding event files) or in the log directory itself."""
     os.makedirs(directory, exist_ok=True)
-    variable = tf.Variable(np.asarray(embeddings, np.float32), name="z2_means")
-    tf.train.Checkpoint(z2_means=variable).write(os.path.join(directory, "embedding.ckpt"))
+    variable = tf.Variable(np.asarray(embeddings, np.float32), name=name)
+    tf.train.Checkpoint(**{name: variable}).write(os.path.join(directory, "embedding.ckpt"))
+    names = list(columns)
+    rows = zip(*[np.asarray(columns[c]).tolist() for c in names])
     with open(os.path.join(directory, "metadata.tsv"), "w") as f:
-        f.write("".join(f"{int(label)}\n" for label in labels))
+        if len(names) > 1:
+            f.write("\t".join(names) + "\n")
+        f.write("".join("\t".join(str(v) for v in row) + "\n" for row in rows))
     with open(os.path.join(directory, "projector_config.pbtxt"), "w") as f:
         f.write('model_checkpoint_path: "embedding.ckpt"\n'
-                'embeddings {\n  tensor_name: "z2_means/.ATTRIBUTES/VARIABLE_VALUE"\n'
+                f'embeddings {{\n  tensor_name: "{name}/.ATTRIBUTES/VARIABLE_VALUE"\n'
                 '  metadata_path: "metadata.tsv"\n}\n')
 
 
 def save_png(image, path: str) -> None:
-    """An image [H,W,1] in [0,1] as a PNG file (TensorFlow's encoder)."""
+    """An image [H,W,C] in [0,1] (C = 1 or 3) as a PNG file (TensorFlow's encoder)."""
     data = tf.cast(tf.round(tf.clip_by_value(image, 0.0, 1.0) * 255), tf.uint8)
     tf.io.write_file(path, tf.io.encode_png(data))
 
@@ -66,9 +127,7 @@ def z2_mesh(model, per_side: int = 10, extent: float = 2.5, seed=(0, 0)):
 
 def pca_plot(means, labels, path: str, title: str) -> None:
     """Scatter of the first two principal components of means [N,d], coloured by label."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     centred = np.asarray(means, np.float64) - np.mean(means, axis=0)
     _, _, components = np.linalg.svd(centred, full_matrices=False)
     projected = centred @ components[:2].T
@@ -86,9 +145,7 @@ def pca_plot(means, labels, path: str, title: str) -> None:
 
 def likelihood_vs_labels(rows, path: str) -> None:
     """The paper's Figure 4: rows of (labels, {S: F_S}) -> F_S against the number of labels."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     rows = sorted(rows, key=lambda row: row[0])
     fig, ax = plt.subplots(figsize=(5, 4))
     for s in sorted({s for _, bounds in rows for s in bounds}, key=int):

@@ -50,7 +50,7 @@ class CaGeM(keras.Model):
       hidden_upper: hidden widths of q(z2|x,y,z1), p(z1|y,z2), p(y|z2).
       skip_connection: whether q(z2|x,y,z1) sees x.
       num_samples: samples of z1 (and of z2 per y) in the training ELBO.
-      classifier_samples: samples used by the classifiers in `test_step`.
+      classifier_samples: samples of z1 used by the classifiers (`class_log_probs`).
       seed: seed of the model's random stream (sampling in training and evaluation).
       synchronized_bn: batch normalization over the global batch when replicas split it.
       y_init_stddev: > 0 draws the first-layer weights of the one-hot y in q(z2|x,y,z1),
@@ -331,6 +331,14 @@ class CaGeM(keras.Model):
         """The ELBO per example [B]."""
         return self.elbo(x, training=training)["elbo"]
 
+    def checkpoint(self, **others) -> tf.train.Checkpoint:
+        """A tf.train.Checkpoint of every variable of the model (and of `others`).
+
+        Keras 3 does not expose layers kept in lists as checkpoint dependencies, so the
+        variables are listed explicitly; their order is fixed by the architecture.
+        """
+        return tf.train.Checkpoint(weights=list(self.weights), **others)
+
     # ----------------------------------------------------------------------------------------
     # Training
     def compile(self, optimizer="adam", alpha: float = 0.0, cluster_usage: bool = False,
@@ -426,16 +434,6 @@ class CaGeM(keras.Model):
             values["h_pseudo"] = h_pseudo
         self.optimizer.apply(grads, variables)
         values["loss"] = loss
-        return self._update(values)
-
-    def test_step(self, data):
-        """ELBO terms (temperature 1) on {"x"}; classifier accuracies when "y" is given."""
-        parts = self.elbo(data["x"], training=False)
-        values = {name: tf.reduce_mean(parts[name])
-                  for name in ("elbo", "log_px", "kl_z1", "kl_z2", "kl_y")}
-        values["loss"] = -values["elbo"]
-        if "y" in data:
-            values.update(self._labelled_terms(data["x"], data["y"], None, False, True))
         return self._update(values)
 
     def get_config(self):

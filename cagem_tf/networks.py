@@ -145,7 +145,6 @@ class GaussianNet(Conditional):
 
     def __init__(self, dim: int, hidden: Sequence[int], num_inputs: int, **kwargs):
         super().__init__(num_inputs, hidden, {"loc": dim, "log_scale": dim}, **kwargs)
-        self.dim = dim
 
     def call(self, inputs, training=None, collect=True, projected=None):
         loc, log_scale = super().call(inputs, training=training, collect=collect,
@@ -165,7 +164,6 @@ class CategoricalNet(Conditional):
 
     def __init__(self, num_classes: int, hidden: Sequence[int], num_inputs: int, **kwargs):
         super().__init__(num_inputs, hidden, {"logits": num_classes}, **kwargs)
-        self.num_classes = num_classes
 
     def distribution(self, inputs, training=None, collect=True, projected=None):
         return tfd.Categorical(logits=self(inputs, training=training, collect=collect,
@@ -180,7 +178,6 @@ class BernoulliNet(Conditional):
 
     def __init__(self, dim: int, hidden: Sequence[int], num_inputs: int, **kwargs):
         super().__init__(num_inputs, hidden, {"logits": dim}, **kwargs)
-        self.dim = dim
 
     def distribution(self, inputs, training=None, collect=True, projected=None):
         logits = self(inputs, training=training, collect=collect, projected=projected)

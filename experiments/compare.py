@@ -16,8 +16,9 @@ import time
 
 from absl import app, flags
 
+from cagem_tf import figures, report
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 flags.DEFINE_list("flagfiles", None, "Flagfiles of train/main.py, one run each.")
 flags.DEFINE_string("out", None, "Directory of the runs and of comparison.md.")
@@ -35,21 +36,6 @@ def run(args, log_path):
         with open(log_path) as log:
             tail = log.read()[-1500:]
         sys.exit(f"error: {' '.join(args[1:3])} failed (see {log_path}):\n{tail}")
-
-
-def table(rows, samples) -> str:
-    head = ["run", "labels", "K"] + [f"F_{s}" for s in samples] + [
-        "error p(y|x)", "error q(y|x)", "active z1/z2", "KL z2", "train (min)", "eval (min)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, r in rows:
-        cells = [name, str(r["labels"]), str(r["clusters"])]
-        cells += [f"{r['bounds'][s]['mean']:.2f} ± {r['bounds'][s]['stderr']:.2f}"
-                  for s in samples]
-        cells += [f"{100 * r[k]:.2f}%" if k in r else "-" for k in ("error_p", "error_q")]
-        cells += [f"{r['active_units_z1']}/{r['active_units_z2']}", f"{r['kl_q_z2_p_z2']:.2f}",
-                  f"{r['train_seconds'] / 60:.1f}", f"{r['eval_seconds'] / 60:.1f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def main(argv):
@@ -76,12 +62,11 @@ def main(argv):
         rows.append((name, result))
         print(f"{name}: done", flush=True)
     with open(os.path.join(FLAGS.out, "comparison.md"), "w") as f:
-        f.write(table(rows, samples))
-    from cagem_tf import figures
+        f.write(report.comparison_table(rows, samples))
     figures.likelihood_vs_labels(
         [(r["labels"], {s: r["bounds"][s]["mean"] for s in samples}) for _, r in rows],
         os.path.join(FLAGS.out, "likelihood_vs_labels.png"))
-    print(table(rows, samples))
+    print(report.comparison_table(rows, samples))
 
 
 if __name__ == "__main__":

@@ -11,15 +11,12 @@ python experiments/estimators.py --model_dir RUN [--images 100] [--repeats 3]
 cagem_tf.evaluation.estimators_markdown for the columns.
 """
 
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags
 
-from absl import app, flags  # noqa: E402
-
-from cagem_tf import cli, data, evaluation, rundir, training  # noqa: E402
+from cagem_tf import cli, data, evaluation, rundir
 
 flags.DEFINE_string("model_dir", None, "Run directory written by train/main.py.")
 flags.DEFINE_list("samples", ["exact:5000", "sampled:5000", "sampled:30000"],
@@ -48,8 +45,8 @@ def run(model_dir, rows, images, repeats, batch_size):
     if images < 1 or repeats < 2 or batch_size < 1:
         raise rundir.RunError("--images and --batch_size must be >= 1 and --repeats >= 2 (the "
                               "spread needs two seeds)")
-    model = training.load_trained(model_dir)
-    _, x, _ = training.evaluation_images(model_dir, images, log=lambda m: None)
+    model = rundir.load_model(model_dir)
+    _, x, _, _ = rundir.evaluation_images(model_dir, images, log=lambda m: None)
     print(f"{model_dir}: {len(x)} test images, {repeats} seeds, {time.strftime('%Y-%m-%d')}\n")
     results = evaluation.compare_estimators(model, x, rows, repeats, batch_size)
     print(evaluation.estimators_markdown(results))
@@ -65,4 +62,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, __name__)

@@ -1,56 +1,9 @@
-"""Write a PNG grid of samples from an exported SavedModel (TensorFlow only):
-python export/sample.py --saved_model DIR --num 100 [--label 3] [--seed 0] --out samples.png"""
+"""Samples of a SavedModel as a PNG grid: python export/sample.py --saved_model RUN/export/1.
 
-import math
-import re
-import sys
+The program is `cagem_tf.cli.sample` (also installed as `cagem-sample`); see README.md.
+"""
 
-from absl import app, flags
-
-import tensorflow as tf
-
-flags.DEFINE_string("saved_model", None, "A SavedModel version directory (e.g. RUN/export/1).")
-flags.DEFINE_integer("num", 100, "Number of samples.")
-flags.DEFINE_integer("label", None, "Sample this class/cluster only (p(x|y)); default y ~ p(y|z2).")
-flags.DEFINE_integer("seed", 0, "Seed; negative for fresh randomness.")
-flags.DEFINE_bool("binary", False, "Draw binary images instead of Bernoulli means.")
-flags.DEFINE_string("out", "samples.png", "Output PNG file.")
-flags.mark_flag_as_required("saved_model")
-FLAGS = flags.FLAGS
-
-
-def grid_png(images, columns):
-    """[N,H,W,1] in [0,1] -> PNG bytes of a grid with `columns` columns."""
-    n, h, w, c = images.shape
-    rows = math.ceil(n / columns)
-    images = tf.concat([images, tf.zeros([rows * columns - n, h, w, c])], 0)
-    canvas = tf.reshape(tf.transpose(tf.reshape(images, [rows, columns, h, w, c]),
-                                     [0, 2, 1, 3, 4]), [rows * h, columns * w, c])
-    return tf.io.encode_png(tf.cast(tf.round(canvas * 255), tf.uint8))
-
-
-def main(argv):
-    if len(argv) > 1:
-        sys.exit(f"error: unexpected arguments {' '.join(argv[1:])}")
-    if FLAGS.num < 1:
-        sys.exit(f"error: --num {FLAGS.num}: must be at least 1")
-    try:
-        model = tf.saved_model.load(FLAGS.saved_model)
-    except OSError as e:
-        sys.exit(f"error: --saved_model {FLAGS.saved_model}: {str(e).splitlines()[0]}")
-    seed = tf.constant(FLAGS.seed, tf.int32)
-    try:
-        if FLAGS.label is None:
-            out = model.signatures["sample"](num_samples=tf.constant(FLAGS.num), seed=seed)
-        else:
-            out = model.signatures["sample_class"](y=tf.fill([FLAGS.num], FLAGS.label), seed=seed)
-    except tf.errors.InvalidArgumentError as e:
-        found = re.search(r"assertion failed: \[(.*?)\] \[Condition", e.message)
-        sys.exit(f"error: {found.group(1) if found else e.message.splitlines()[0]}")
-    images = out["images"] if FLAGS.binary else out["probs"]
-    tf.io.write_file(FLAGS.out, grid_png(images, math.ceil(math.sqrt(FLAGS.num))))
-    print(f"wrote {FLAGS.out}")
-
+from cagem_tf.cli import sample
 
 if __name__ == "__main__":
-    app.run(main)
+    sample.run()

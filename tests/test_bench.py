@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from bench import flops
-from bench.reference import TiledCaGeM
+from cagem_tf.benchmark import flops
+from cagem_tf.benchmark.reference import TiledCaGeM
 from cagem_tf import objective
 from conftest import tiny_cagem
 

@@ -150,15 +150,12 @@ def test_dynamic_binarization_matches_intensities():
     assert not np.array_equal(draws, again)
 
 
-def test_test_binarization_is_fixed_and_switchable():
-    x, y = _images(50)[..., None], _labels(50)
-    first = np.concatenate([b["x"] for b in data.test_stream(x, y, 20, seed=1)])
-    second = np.concatenate([b["x"] for b in data.test_stream(x, y, 20, seed=1)])
+def test_test_images_are_binarized_once_by_the_seed():
+    x = _images(50)[..., None]
+    first, second = data.binarize_once(x, 1), data.binarize_once(x, 1)
     np.testing.assert_array_equal(first, second)
     assert set(np.unique(first)) <= {0.0, 1.0}
-    dynamic = data.test_stream(x, y, 50, seed=1, binarization="dynamic")
-    one, two = (next(iter(dynamic))["x"].numpy() for _ in range(2))
-    assert not np.array_equal(one, two)
+    assert not np.array_equal(first, data.binarize_once(x, 2))
 
 
 def test_training_stream_layout():
@@ -240,7 +237,5 @@ def test_bad_stream_settings():
     arrays = data._checked(_raw(), "raw")
     with pytest.raises(data.DataError, match="--batch_size"):
         data.streams(arrays, np.zeros([0], np.int64), batch_size=0)
-    with pytest.raises(data.DataError, match="--test_binarization"):
-        data.test_stream(arrays.x_test, arrays.y_test, binarization="sometimes")
     with pytest.raises(data.DataError, match="--validation"):
         data.hold_out(arrays, 30, seed=0)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cagem_tf import evaluation, figures, objective, training
+from cagem_tf import evaluation, figures, objective, report, rundir, training
+from cagem_tf.config import Config
 from conftest import clustered_npz, tiny_cagem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,11 +76,16 @@ def _png_shape(path):
 
 
 def test_figures_have_the_expected_sizes(tmp_path):
-    from train.evaluate import write_figures
     model = tiny_cagem(image_shape=(6, 6, 1), num_clusters=3, z1_dim=3, z2_dim=2)
     x = _x(30, 36).reshape(30, 6, 6, 1)
+    y = np.arange(30) % 3
     latent = evaluation.latent_summary(model, x)
-    write_figures(model, x, np.arange(30) % 3, latent, str(tmp_path), str(tmp_path / "tb"), 0)
+    clusters = evaluation.cluster_report(model, x, y, 3)
+    run = rundir.RunDir(str(tmp_path / "run"))
+    os.makedirs(run.evaluation)
+    report.write_figures(model, x, y, latent, clusters, run, 0)
+    tb = run.logs("evaluation")
+    tmp_path = tmp_path / "run" / "evaluation"
     assert _png_shape(tmp_path / "samples.png") == (60, 60, 1)
     assert _png_shape(tmp_path / "class_conditional.png") == (18, 60, 1)
     assert _png_shape(tmp_path / "reconstructions.png") == (12, 60, 1)
@@ -92,7 +98,10 @@ def test_figures_have_the_expected_sizes(tmp_path):
                                                                            "10": -86.0})],
                                  str(tmp_path / "ll.png"))
     assert _png_shape(tmp_path / "ll.png")[0] > 200
-    assert os.listdir(tmp_path / "tb")
+    assert os.listdir(tb)
+    for name in ("occupancy.png", "cluster_by_label.png"):
+        height, width, channels = _png_shape(tmp_path / name)
+        assert height > 100 and width > 100 and channels == 3
 
 
 @pytest.fixture(scope="module")
@@ -106,13 +115,12 @@ def _tiny_flags(labels):
 
 
 def test_evaluate_writes_results(tiny_npz, tmp_path):
-    from train.evaluate import evaluate
     run = str(tmp_path / "run")
-    config = {**training.DEFAULTS, "dataset": tiny_npz, "model_dir": run, "epochs": 1,
+    config = {"dataset": tiny_npz, "model_dir": run, "epochs": 1,
               "labels": 6, "hidden_lower": [8, 8], "hidden_upper": [8, 8], "z1_dim": 2,
               "z2_dim": 2, "eval_every": 0, "verbose": 0}
-    training.train(config, log=lambda m: None)
-    results = evaluate(run, iw_samples=(1, 10), subset=40, batch_size=20, progress=False,
+    training.train(Config(**config), log=lambda m: None)
+    results = report.evaluate(run, iw_samples=(1, 10), subset=40, batch_size=20, progress=False,
                        log=lambda m: None)
     saved = json.load(open(os.path.join(run, "evaluation", "results.json")))
     assert saved["images"] == 40 and set(saved["bounds"]) == {"1", "10"}

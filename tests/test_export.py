@@ -9,10 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cagem_tf import rundir, training
-from cagem_tf.callbacks import model_checkpoint
+from cagem_tf import rundir, serving
 from conftest import tiny_cagem
-from export import saved_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (6, 6, 1)
@@ -27,7 +25,7 @@ def model():
 @pytest.fixture(scope="module")
 def exported(model, tmp_path_factory):
     export_dir = str(tmp_path_factory.mktemp("export"))
-    return export_dir, saved_model.export(model, export_dir)
+    return export_dir, serving.export(model, export_dir)
 
 
 def _images(n=5, seed=0):
@@ -75,13 +73,13 @@ def test_loads_with_tensorflow_alone_and_matches_the_model(model, exported, tmp_
     assert out["signatures"] == sorted(["classify", "sample", "sample_class", "log_likelihood",
                                         "log_likelihood_sampled", "encode", "reconstruct",
                                         "serving_default"])
-    p_y, q_y = model.classify(x, seed=tf.constant(saved_model.CLASSIFIER_SEED))
+    p_y, q_y = model.classify(x, seed=tf.constant(serving.CLASSIFIER_SEED))
     np.testing.assert_allclose(out["classify"]["p_y"], p_y, atol=1e-5)
     np.testing.assert_allclose(out["classify"]["q_y"], q_y, atol=1e-5)
     assert out["classify"]["label"] == np.argmax(p_y, -1).tolist()
     for name, estimator, samples in (("log_likelihood", "exact", 200),
                                      ("log_likelihood_sampled", "sampled", 1000)):
-        same_seed = model.iw_bound(x, samples, seed=tf.constant(saved_model.CLASSIFIER_SEED),
+        same_seed = model.iw_bound(x, samples, seed=tf.constant(serving.CLASSIFIER_SEED),
                                    estimator=estimator)
         np.testing.assert_allclose(out[name]["log_likelihood"], same_seed, rtol=1e-4)
     z1, z2 = model.encode(x)
@@ -135,9 +133,9 @@ def test_bad_inputs_name_the_expected_shape_or_range(loaded, signature, kwargs, 
 
 def test_second_export_is_a_new_version(model, tmp_path):
     export_dir = str(tmp_path / "serve")
-    first = saved_model.export(model, export_dir)
+    first = serving.export(model, export_dir)
     stamp = os.path.getmtime(os.path.join(first, "saved_model.pb"))
-    second = saved_model.export(model, export_dir)
+    second = serving.export(model, export_dir)
     assert (os.path.basename(first), os.path.basename(second)) == ("1", "2")
     assert os.path.getmtime(os.path.join(first, "saved_model.pb")) == stamp
     assert sorted(os.listdir(export_dir)) == ["1", "2"]  # no temporary left behind
@@ -146,8 +144,8 @@ def test_second_export_is_a_new_version(model, tmp_path):
 def test_export_cli_and_sample_tool(model, tmp_path):
     run = tmp_path / "run"
     os.makedirs(run / "checkpoints")
-    rundir.write_json(str(run / training.MODEL_CONFIG), model.get_config())
-    model_checkpoint(model).save(str(run / "checkpoints" / "ckpt"))
+    rundir.write_json(str(run / rundir.MODEL), model.get_config())
+    model.checkpoint().save(str(run / "checkpoints" / "ckpt"))
     result = subprocess.run([sys.executable, "export/main.py", f"--model_dir={run}"], cwd=ROOT,
                             env=_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -170,9 +168,9 @@ def test_export_cli_and_sample_tool(model, tmp_path):
 def test_restored_checkpoint_gives_the_trained_weights(model, tmp_path):
     run = tmp_path / "run"
     os.makedirs(run / "checkpoints")
-    rundir.write_json(str(run / training.MODEL_CONFIG), model.get_config())
-    model_checkpoint(model).save(str(run / "checkpoints" / "ckpt"))
-    restored = training.load_trained(str(run))
+    rundir.write_json(str(run / rundir.MODEL), model.get_config())
+    model.checkpoint().save(str(run / "checkpoints" / "ckpt"))
+    restored = rundir.load_model(str(run))
     for a, b in zip(model.variables, restored.variables):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
@@ -180,8 +178,8 @@ def test_restored_checkpoint_gives_the_trained_weights(model, tmp_path):
 def test_checkpoint_of_another_model_is_refused_in_one_line(model, tmp_path):
     run = tmp_path / "run"
     os.makedirs(run / "checkpoints")
-    rundir.write_json(str(run / training.MODEL_CONFIG), {**model.get_config(), "z1_dim": 5})
-    model_checkpoint(model).save(str(run / "checkpoints" / "ckpt"))
+    rundir.write_json(str(run / rundir.MODEL), {**model.get_config(), "z1_dim": 5})
+    model.checkpoint().save(str(run / "checkpoints" / "ckpt"))
     with pytest.raises(rundir.RunError, match="does not hold the variables") as error:
-        training.load_trained(str(run))
+        rundir.load_model(str(run))
     assert "\n" not in str(error.value)

@@ -13,9 +13,9 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
 from cagem_tf import model as model_lib
-from cagem_tf import rundir, training
+from cagem_tf import rundir, serving, training
+from cagem_tf.config import Config, ConfigError
 from conftest import clustered_npz
-from export import saved_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--hidden_lower=16", "--hidden_upper=16", "--z1_dim=4", "--z2_dim=2", "--batch_size=50",
@@ -67,8 +67,8 @@ def test_end_to_end_run(tiny_npz, tmp_path):
     assert exported.shape == (3, 3)
     # The last checkpoint holds every variable, batch-norm statistics included: the model
     # restored from it answers as the export written at the end of training.
-    restored = training.load_trained(run)
-    p_y, _ = restored.classify(x, seed=tf.constant(saved_model.CLASSIFIER_SEED))
+    restored = rundir.load_model(run)
+    p_y, _ = restored.classify(x, seed=tf.constant(serving.CLASSIFIER_SEED))
     np.testing.assert_allclose(exported, p_y, atol=1e-5)
 
 
@@ -98,17 +98,17 @@ def test_kill_and_resume_continues_the_epoch_count(tiny_npz, tmp_path):
 
 def test_changed_flag_on_resume_is_refused_and_fresh_keeps_the_old_run(tiny_npz, tmp_path):
     run = str(tmp_path / "run")
-    config = {**training.DEFAULTS, "dataset": tiny_npz, "model_dir": run, "epochs": 1,
+    config = {"dataset": tiny_npz, "model_dir": run, "epochs": 1,
               "labels": 6, "hidden_lower": [8, 8], "hidden_upper": [8, 8], "z1_dim": 2,
               "z2_dim": 2, "batch_size": 100, "eval_every": 0, "verbose": 0}
-    training.train(config, log=lambda m: None)
+    training.train(Config(**config), log=lambda m: None)
     before = open(os.path.join(run, "config.json")).read()
     with pytest.raises(rundir.RunError, match=r"--beta \(run: 0.1, now: 0.2\)") as error:
-        training.train({**config, "beta": 0.2, "epochs": 2}, log=lambda m: None)
+        training.train(Config(**{**config, "beta": 0.2, "epochs": 2}), log=lambda m: None)
     assert "\n" not in str(error.value)
     assert open(os.path.join(run, "config.json")).read() == before
     assert tf.train.latest_checkpoint(os.path.join(run, "checkpoints")).endswith("ckpt-1")
-    training.train({**config, "beta": 0.2, "fresh": True}, log=lambda m: None)
+    training.train(Config(**{**config, "beta": 0.2, "fresh": True}), log=lambda m: None)
     kept = [d for d in os.listdir(tmp_path) if d.startswith("run.")]
     assert len(kept) == 1 and open(os.path.join(tmp_path, kept[0], "config.json")).read() == before
     assert json.load(open(os.path.join(run, "config.json")))["beta"] == 0.2
@@ -123,13 +123,13 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_npz, tmp_path, m
 
     monkeypatch.setattr(model_lib.CaGeM, "train_step", poisoned)
     run = str(tmp_path / "run")
-    config = {**training.DEFAULTS, "dataset": tiny_npz, "model_dir": run, "epochs": 4,
+    config = {"dataset": tiny_npz, "model_dir": run, "epochs": 4,
               "labels": 6, "hidden_lower": [8, 8], "hidden_upper": [8, 8], "z1_dim": 2,
               "z2_dim": 2, "batch_size": 50, "eval_every": 0, "verbose": 0}
     exported = []
+    monkeypatch.setattr(serving, "export", lambda model, path, keep=0: exported.append(path))
     with pytest.raises(training.TrainingError, match="epoch 2.*ckpt-1"):
-        training.train(config, log=lambda m: None,
-                       exporter=lambda model, path: exported.append(path))
+        training.train(Config(**config), log=lambda m: None)
     assert tf.train.latest_checkpoint(os.path.join(run, "checkpoints")).endswith("ckpt-1")
     assert exported == []
 
@@ -148,9 +148,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_npz, tmp_path, m
 ])
 def test_bad_settings_fail_before_writing(tiny_npz, tmp_path, change, message):
     run = str(tmp_path / "run")
-    config = {**training.DEFAULTS, "dataset": tiny_npz, "model_dir": run, "labels": 6, **change}
-    with pytest.raises((rundir.RunError, training.data.DataError), match=message) as error:
-        training.train(config, log=lambda m: None)
+    config = {"dataset": tiny_npz, "model_dir": run, "labels": 6, **change}
+    with pytest.raises((ConfigError, rundir.RunError, training.data.DataError), match=message) as error:
+        training.train(Config(**config), log=lambda m: None)
     assert "\n" not in str(error.value)
     assert not os.path.exists(run)
 

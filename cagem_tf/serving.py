@@ -17,6 +17,7 @@ range. Versions follow TF Serving: DIR/<integer>/, written aside and renamed int
 
 import os
 import re
+import shutil
 
 import keras
 import tensorflow as tf
@@ -116,11 +117,12 @@ def next_version(export_dir: str) -> int:
     return max(versions, default=0) + 1
 
 
-def export(model, export_dir: str) -> str:
+def export(model, export_dir: str, keep: int = 0) -> str:
     """Writes the SavedModel of `model` to export_dir/<next version>/; returns that path.
 
     It is written to a hidden temporary directory beside it and renamed, so that a reader never
-    sees a half-written version and an existing version is never overwritten.
+    sees a half-written version and an existing version is never overwritten. keep > 0 then
+    removes all but the newest `keep` versions (TF Serving serves the newest by itself).
     """
     os.makedirs(export_dir, exist_ok=True)
     version = next_version(export_dir)
@@ -136,4 +138,8 @@ def export(model, export_dir: str) -> str:
     except OSError as e:
         raise ExportError(f"{final} appeared while exporting ({e}); the export is left in "
                           f"{tmp}") from None
+    if keep > 0:
+        versions = sorted(int(n) for n in os.listdir(export_dir) if re.fullmatch(r"\d+", n))
+        for old in versions[:-keep]:
+            shutil.rmtree(os.path.join(export_dir, str(old)), ignore_errors=True)
     return final

@@ -1,8 +1,17 @@
-"""What the project's absl command-line programs share."""
+"""The command-line programs (absl) and what they share.
 
+One module per program: `train` (cagem-train), `evaluate` (cagem-evaluate), `export`
+(cagem-export), `sample` (cagem-sample). Each parses flags and calls the library; the scripts
+in train/ and export/ of a checkout and the console scripts of an installed package run them.
+"""
+
+import os
 import sys
 
-from absl import flags, logging
+# Before TensorFlow is imported: no C++ start-up lines before --help or an error.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
 
 
 def define_thread_flags() -> None:
@@ -11,6 +20,16 @@ def define_thread_flags() -> None:
                          "TensorFlow's default. On 2 cores, 1 with --inter_op_threads 2 was "
                          "fastest (docs/performance.md).")
     flags.DEFINE_integer("inter_op_threads", 0, "Ops run at once; 0: TensorFlow's default.")
+
+
+def run(main, module: str) -> None:
+    """app.run(main), with the flags of `module` and the shared ones listed by --help (absl
+    lists only the key flags of the script that was started)."""
+    program = sys.argv[0]
+    for name in (module, __name__):
+        for flag in flags.FLAGS.get_flags_for_module(name):
+            flags.FLAGS.register_key_flag_for_module(program, flag)
+    app.run(main)
 
 
 def start(argv, hint: str = "") -> None:
@@ -29,3 +48,10 @@ def start(argv, hint: str = "") -> None:
         import tensorflow as tf
         tf.config.threading.set_intra_op_parallelism_threads(intra)
         tf.config.threading.set_inter_op_parallelism_threads(inter)
+
+
+def user_errors() -> tuple:
+    """The exceptions whose message is a one-line answer to bad input."""
+    from cagem_tf import config, data, rundir, serving, training
+    return (config.ConfigError, data.DataError, rundir.RunError, training.TrainingError,
+            serving.ExportError)

@@ -1,0 +1,162 @@
+"""The settings of a training run: one typed `Config`, its validation, and its JSON form.
+
+Every field is a flag of the training program (`cagem_tf.cli.train` defines them from the
+fields' help texts) and a key of the run's config.json. Defaults are the paper's settings.
+"""
+
+import dataclasses
+import typing
+
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+# Fields that may differ when a run is resumed: they do not change what is being trained.
+MAY_CHANGE = ("epochs", "eval_every", "eval_iw_samples", "eval_subset", "export_every",
+              "keep_exports", "keep_checkpoints", "data_dir", "manual_dir", "strategy", "fresh",
+              "verbose", "model_dir")
+# Keys of config.json files written by earlier versions that no longer mean anything:
+# test_binarization never reached the evaluation, which always binarizes once.
+RETIRED = ("test_binarization",)
+
+
+class ConfigError(ValueError):
+    """A setting no run can use; the message is one line that says what to do."""
+
+
+def _field(default, help_text, **metadata):
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default),
+                                 metadata={"help": help_text, **metadata})
+    return dataclasses.field(default=default, metadata={"help": help_text, **metadata})
+
+
+@dataclasses.dataclass
+class Config:
+    """A CaGeM training run. Model, data and optimisation settings first; then the run's
+    evaluation, export and bookkeeping; last the opt-in levers and departures of the cluster
+    study (docs/results.md), all off by default."""
+    dataset: str = _field("mnist", "tfds name (mnist, fashion_mnist, kmnist, omniglot), an .npz "
+                          "file (x_train, y_train, x_test, y_test) or a directory of the four "
+                          "MNIST IDX files.")
+    labels: int = _field(0, "Labelled training points, the same number per class; 0 trains "
+                         "unsupervised.")
+    clusters: int = _field(0, "K, the values of y; 0 means the number of classes, the only K "
+                           "allowed when --labels > 0.")
+    epochs: int = _field(1000, "Epochs (passes over the training set) in all, counting those of "
+                         "a resumed run.")
+    batch_size: int = _field(100, "Unlabelled examples per step.")
+    labelled_batch_size: int = _field(100, "Labelled examples per step (at most --labels).")
+    beta: float = _field(0.1, "alpha = beta * (N_u + N_l) / N_l weighs the labelled "
+                         "cross-entropies.")
+    learning_rate: float = _field(1e-3, "Initial Adam learning rate.")
+    lr_decay: float = _field(0.75, "Learning rate factor every --lr_decay_epochs.")
+    lr_decay_epochs: int = _field(50, "Epochs between decays.")
+    warmup_epochs: int = _field(100, "Epochs of KL warm-up (temperature linear from 0 to 1); 0 "
+                                "disables it.")
+    z1_dim: int = _field(64, "Size of z1.")
+    z2_dim: int = _field(32, "Size of z2.")
+    hidden_lower: list[int] = _field([1024, 1024], "Hidden widths of q(z1|x), q(y|z1,x), "
+                                     "p(x|y,z1); one value w means [w, w].")
+    hidden_upper: list[int] = _field([512, 512], "Hidden widths of q(z2|x,y,z1), p(z1|y,z2), "
+                                     "p(y|z2); one value w means [w, w].")
+    skip_connection: bool = _field(True, "Give q(z2|x,y,z1) the input x.")
+    num_samples: int = _field(1, "Samples of z1 (and z2 per y) in the training ELBO.")
+    seed: int = _field(0, "Seed of the labelled subset, the data order and the model's "
+                       "sampling.")
+    model_dir: str = _field("runs/cagem", "Run directory: config, checkpoints, logs, exports.")
+    data_dir: str | None = _field(None, "tensorflow-datasets data directory.")
+    manual_dir: str | None = _field(None, "Folder with the data set's original files (e.g. the "
+                                    "four MNIST .gz files) for tfds to prepare offline.")
+    validation: int = _field(0, "Hold out this many training examples and evaluate on them "
+                             "instead of the test set.")
+    eval_every: int = _field(10, "Epochs between evaluations; 0: none.")
+    eval_iw_samples: int = _field(100, "Importance samples of the evaluation's IW bound; 0 "
+                                  "skips it.")
+    eval_subset: int = _field(1000, "Evaluation images (the first ones).")
+    export_every: int = _field(0, "Epochs between SavedModel exports; 0: only at the end.")
+    keep_exports: int = _field(0, "Export versions kept (the newest); 0 keeps all.")
+    keep_checkpoints: int = _field(3, "Checkpoints kept.")
+    strategy: str = _field("default", "tf.distribute strategy; multi_worker reads TF_CONFIG.",
+                           choices=STRATEGIES)
+    fresh: bool = _field(False, "Start over: an existing run in --model_dir is moved aside to "
+                         "<model_dir>.<time>.")
+    verbose: int = _field(1, "Keras progress: 0 silent, 1 bar, 2 a line per epoch.")
+    clip_norm: float = _field(0.0, "Clip the gradient to this global norm; 0: no clipping (the "
+                              "paper does not say).")
+    y_init_stddev: float = _field(0.0, "Initialise the first-layer weights of the one-hot y "
+                                  "from N(0, s^2); 0: Glorot (the paper does not say).")
+    shared_noise: bool = _field(False, "One noise draw for z2 in every y branch (common random "
+                                "numbers; the same objective in expectation).")
+    cluster_usage: float = _field(0.0, "DEPARTURE from the paper: weight of the batch's cluster "
+                                  "entropy H(mean q(y|x)) added to the objective, annealed to 0 "
+                                  "over --departure_epochs.")
+    pseudo_labels: float = _field(0.0, "DEPARTURE from the paper: weight of a cross-entropy of "
+                                  "q(y|z1,x) on k-means labels of the unlabelled images "
+                                  "(restricted to the classifier networks), annealed to 0 over "
+                                  "--departure_epochs.")
+    departure_epochs: int = _field(5, "Epochs over which --cluster_usage and --pseudo_labels "
+                                   "fall linearly to 0.")
+
+    def __post_init__(self):
+        for key in ("hidden_lower", "hidden_upper"):
+            widths = getattr(self, key)
+            widths = [widths] if isinstance(widths, int) else list(widths)
+            try:
+                widths = [int(w) for w in widths]
+            except (TypeError, ValueError):
+                raise ConfigError(f"--{key} {','.join(map(str, widths))}: give integers, e.g. "
+                                  "1024 or 1024,512") from None
+            setattr(self, key, widths * 2 if len(widths) == 1 else widths)
+        self.check()
+
+    def check(self) -> None:
+        """One-line errors for settings no run can use."""
+        for key in ("epochs", "batch_size", "labelled_batch_size", "z1_dim", "z2_dim",
+                    "num_samples", "lr_decay_epochs", "keep_checkpoints"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"--{key} {getattr(self, key)}: must be at least 1")
+        for key in ("warmup_epochs", "eval_every", "eval_iw_samples", "eval_subset",
+                    "export_every", "keep_exports", "validation", "clusters", "labels",
+                    "clip_norm", "y_init_stddev", "cluster_usage", "pseudo_labels",
+                    "departure_epochs"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"--{key} {getattr(self, key)}: must be 0 or more")
+        if not self.learning_rate > 0 or not 0 < self.lr_decay <= 1:
+            raise ConfigError("--learning_rate must be > 0 and --lr_decay in (0, 1]")
+        if not self.beta >= 0:
+            raise ConfigError(f"--beta {self.beta}: must be >= 0")
+        for key in ("hidden_lower", "hidden_upper"):
+            if not getattr(self, key) or min(getattr(self, key)) < 1:
+                raise ConfigError(f"--{key} {getattr(self, key)}: give one or more positive "
+                                  "widths")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"--strategy {self.strategy}: use one of {', '.join(STRATEGIES)}")
+        if (self.cluster_usage or self.pseudo_labels) and self.departure_epochs < 1:
+            raise ConfigError("--cluster_usage and --pseudo_labels are annealed to 0: give "
+                              "--departure_epochs of 1 or more")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, values: dict, what: str = "the settings") -> "Config":
+        """A Config from a dict such as config.json. Keys missing from an earlier version's
+        file take their defaults (which reproduce that version's behaviour); retired keys are
+        dropped; an unknown key is a one-line error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names - set(RETIRED))
+        if unknown:
+            raise ConfigError(f"{what} has settings this version does not know "
+                              f"({', '.join(unknown)}): use the version that wrote it, or "
+                              "start a new run")
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    @classmethod
+    def fields(cls):
+        """(name, type, default, help, choices) of every setting, in order."""
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            yield f.name, hints[f.name], default, f.metadata["help"], f.metadata.get("choices")
+

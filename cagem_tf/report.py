@@ -1,0 +1,132 @@
+"""The evaluation report of a trained run: results.json, results.md and figures.
+
+`evaluate(model_dir, ...)` scores the run's test images (binarized once with the run's seed):
+the bounds F_S with the standard error of their mean over images, the classifier errors (runs
+with labels), cluster use (`evaluation.cluster_report`), active units and KL per unit. IW bounds
+are saved per batch: a rerun continues where an interrupted one stopped, with the same numbers.
+"""
+
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from cagem_tf import evaluation, figures, rundir
+
+CLUSTER_KEYS = ("clusters_used", "mutual_information", "mean_entropy", "occupancy", "purity",
+                "nmi", "ari", "cluster_by_label", "agreement_pq", "cross_entropy_p_y")
+
+
+def evaluate(model_dir, checkpoint=None, iw_samples=(1, 10, 5000), subset=0, batch_size=100,
+             chunk_size=None, split="test", figures_too=True, seed=0, progress=True, log=print,
+             iw_estimator="exact") -> dict:
+    """Evaluates the run in `model_dir`; returns the results dict also written to disk."""
+    if not iw_samples or min(iw_samples) < 1 or subset < 0 or batch_size < 1 or (
+            chunk_size is not None and chunk_size < 1):
+        raise rundir.RunError("--iw_samples, --batch_size and --chunk_size must be >= 1 and "
+                              "--subset >= 0")
+    run = rundir.RunDir(model_dir)
+    config, x, y, num_classes = rundir.evaluation_images(model_dir, subset, split, log)
+    model = rundir.load_model(model_dir, checkpoint)
+    n = len(x)
+    os.makedirs(run.evaluation, exist_ok=True)
+
+    results = {"split": split, "images": n, "checkpoint": checkpoint or run.latest_checkpoint(),
+               "labels": config.labels, "clusters": model.num_clusters,
+               "iw_estimator": iw_estimator, "bounds": {}}
+    for s in iw_samples:
+        values = evaluation.iw_bounds(model, x, s, run.partial, seed, batch_size, chunk_size,
+                                      progress, iw_estimator)
+        results["bounds"][str(s)] = {"mean": float(np.mean(values)),
+                                     "stderr": float(np.std(values) / np.sqrt(n))}
+    if config.labels:
+        results["error_p"], results["error_q"] = evaluation.classifier_errors(model, x, y, seed)
+    clusters = evaluation.cluster_report(model, x, y, num_classes, seed)
+    results["cluster_use"] = {k: clusters[k] for k in CLUSTER_KEYS
+                              if k in clusters and (config.labels or k not in (
+                                  "agreement_pq", "cross_entropy_p_y"))}
+    latent = evaluation.latent_summary(model, x, seed)
+    results.update({k: v for k, v in latent.items() if not k.endswith("_means")})
+    rundir.write_json(os.path.join(run.evaluation, "results.json"), results)
+    tmp = os.path.join(run.evaluation, f"results.md.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(markdown(results))
+    os.replace(tmp, os.path.join(run.evaluation, "results.md"))
+    if figures_too:
+        write_figures(model, x, y, latent, clusters, run, seed)
+    log(markdown(results))
+    return results
+
+
+def markdown(results) -> str:
+    """results.md: one table of every measure."""
+    lines = [f"{results['split']} images: {results['images']}, checkpoint "
+             f"{os.path.basename(results['checkpoint'] or '')}, IW estimator "
+             f"{results['iw_estimator']}", "",
+             "| measure | value |", "|---|---|"]
+    for s, bound in results["bounds"].items():
+        lines.append(f"| F_{s} (nats) | {bound['mean']:.2f} ± {bound['stderr']:.2f} |")
+    for key, name in (("error_p", "test error p(y|x)"), ("error_q", "test error q(y|x)")):
+        if key in results:
+            lines.append(f"| {name} | {100 * results[key]:.2f}% |")
+    use = results.get("cluster_use", {})
+    if use:
+        lines.append(f"| clusters used (>= 2% of images) | {use['clusters_used']} of "
+                     f"{results['clusters']} |")
+        lines.append(f"| images per cluster (argmax q(y\\|x)) | "
+                     f"{', '.join(map(str, use['occupancy']))} |")
+        lines.append(f"| I(x;y) (nats) | {use['mutual_information']:.3f} |")
+        lines.append(f"| mean entropy of q(y\\|x) (nats) | {use['mean_entropy']:.3f} |")
+        lines.append(f"| purity / NMI / ARI against the labels | {use['purity']:.3f} / "
+                     f"{use['nmi']:.3f} / {use['ari']:.3f} |")
+        if "agreement_pq" in use:
+            lines.append(f"| argmax p(y\\|x) = argmax q(y\\|x) | "
+                         f"{100 * use['agreement_pq']:.1f}% |")
+            lines.append(f"| E_q[-log p(y\\|z2)] (nats) | {use['cross_entropy_p_y']:.3f} |")
+    lines.append(f"| active units z1 / z2 | {results['active_units_z1']} / "
+                 f"{results['active_units_z2']} |")
+    lines.append(f"| KL[q(z2\\|x,y) \\|\\| p(z2)] (nats) | {results['kl_q_z2_p_z2']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_figures(model, x, y, latent, clusters, run: rundir.RunDir, seed):
+    """PNG files in the run's evaluation/ and TensorBoard images in logs/evaluation: samples,
+    class-conditional samples, reconstructions, cluster occupancy and cluster-by-label counts,
+    PCA of z1 and z2 means (Figure 5), and with dim(z2) = 2 the z2 mesh (Figure 3)."""
+    images = figures.model_grids(model, x, [seed, 7])
+    images["occupancy"] = figures.occupancy_chart(clusters["occupancy"])
+    images["cluster_by_label"] = figures.cluster_label_chart(clusters["cluster_by_label"])
+    if model.z2_dim == 2:
+        images["z2_mesh"], images["z2_mesh_class_conditional"] = figures.z2_mesh(model)
+    writer = tf.summary.create_file_writer(run.logs("evaluation"))
+    with writer.as_default(step=0):
+        for name, image in images.items():
+            figures.save_png(image, os.path.join(run.evaluation, f"{name}.png"))
+            tf.summary.image(name, image[None])
+    writer.flush()
+    for layer in ("z1", "z2"):
+        figures.pca_plot(latent[f"{layer}_means"], y,
+                         os.path.join(run.evaluation, f"pca_{layer}.png"),
+                         f"PCA of the {layer} means")
+
+
+def comparison_table(rows, samples) -> str:
+    """One Markdown row per evaluated run: rows of (name, results with train_seconds and
+    eval_seconds)."""
+    head = ["run", "labels", "K"] + [f"F_{s}" for s in samples] + [
+        "error p(y|x)", "error q(y|x)", "clusters used", "I(x;y)", "NMI", "active z1/z2",
+        "KL z2", "train (min)", "eval (min)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in rows:
+        use = r.get("cluster_use", {})
+        cells = [name, str(r["labels"]), str(r["clusters"])]
+        cells += [f"{r['bounds'][s]['mean']:.2f} ± {r['bounds'][s]['stderr']:.2f}"
+                  for s in samples]
+        cells += [f"{100 * r[k]:.2f}%" if k in r else "-" for k in ("error_p", "error_q")]
+        cells += [str(use.get("clusters_used", "-")),
+                  f"{use['mutual_information']:.2f}" if use else "-",
+                  f"{use['nmi']:.2f}" if use else "-"]
+        cells += [f"{r['active_units_z1']}/{r['active_units_z2']}", f"{r['kl_q_z2_p_z2']:.2f}",
+                  f"{r['train_seconds'] / 60:.1f}", f"{r['eval_seconds'] / 60:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

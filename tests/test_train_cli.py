@@ -57,9 +57,12 @@ def test_end_to_end_run(tiny_npz, tmp_path):
     assert {"learning_rate", "temperature", "alpha", "eval/elbo", "eval/iw_bound",
             "eval/error_p", "eval/error_q", "eval/active_units_z1", "eval/active_units_z2",
             "kl_per_unit/z1", "kl_per_unit/z2", "samples", "class_conditional",
-            "reconstructions"} <= eval_tags
-    projector = os.path.join(run, "logs", "projector")
-    assert len(open(os.path.join(projector, "metadata.tsv")).read().split()) == 40
+            "reconstructions", "eval/clusters_used", "eval/mutual_information",
+            "eval/mean_entropy", "eval/purity", "eval/nmi", "eval/ari", "eval/agreement_pq",
+            "eval/cross_entropy_p_y", "clusters/occupancy", "clusters/cluster_by_label"} <= eval_tags
+    rows = open(os.path.join(run, "logs", "eval", "metadata.tsv")).read().splitlines()
+    assert rows[0].split("\t") == ["label", "cluster", "epoch"] and len(rows) == 41
+    assert {row.split("\t")[2] for row in rows[1:]} == {"2"}
     assert os.listdir(os.path.join(run, "export")) == ["1"]
     loaded = tf.saved_model.load(os.path.join(run, "export", "1"))
     x = np.random.default_rng(1).random((3, 8, 8, 1)).astype(np.float32)

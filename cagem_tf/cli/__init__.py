@@ -26,6 +26,9 @@ def run(main, module: str) -> None:
     """app.run(main), with the flags of `module` and the shared ones listed by --help (absl
     lists only the key flags of the script that was started)."""
     program = sys.argv[0]
+    main_module = sys.modules["__main__"]
+    if not main_module.__doc__:  # a console script: --help shows the program's usage
+        main_module.__doc__ = sys.modules[module].__doc__
     for name in (module, __name__):
         for flag in flags.FLAGS.get_flags_for_module(name):
             flags.FLAGS.register_key_flag_for_module(program, flag)

@@ -1,0 +1,48 @@
+"""The typed configuration: validation, its JSON form, and config.json files of earlier runs."""
+
+import json
+
+import pytest
+
+from cagem_tf import rundir
+from cagem_tf.config import Config, ConfigError
+
+
+def test_one_width_means_two_layers_and_defaults_are_the_papers():
+    config = Config(hidden_lower=[500], hidden_upper=256)
+    assert config.hidden_lower == [500, 500] and config.hidden_upper == [256, 256]
+    paper = Config()
+    assert (paper.epochs, paper.warmup_epochs, paper.learning_rate, paper.lr_decay,
+            paper.lr_decay_epochs, paper.beta) == (1000, 100, 1e-3, 0.75, 50, 0.1)
+    assert (paper.cluster_usage, paper.pseudo_labels, paper.y_init_stddev) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"epochs": 0}, "--epochs 0"), ({"labels": -1}, "--labels -1"),
+    ({"hidden_lower": ["big"]}, "--hidden_lower big: give integers"),
+    ({"strategy": "magic"}, "--strategy magic"), ({"lr_decay": 2.0}, "--lr_decay"),
+    ({"pseudo_labels": 1.0, "departure_epochs": 0}, "--departure_epochs"),
+])
+def test_bad_settings_are_one_line_errors(settings, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        Config(**settings)
+    assert "\n" not in str(error.value)
+
+
+def test_config_round_trips_through_json():
+    config = Config(labels=100, hidden_lower=[1024, 512], pseudo_labels=0.5)
+    assert Config.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_an_earlier_config_json_still_reads_and_an_unknown_key_is_refused(tmp_path):
+    earlier = {k: v for k, v in Config(labels=20).to_dict().items()
+               if k not in ("clip_norm", "y_init_stddev", "shared_noise", "cluster_usage",
+                            "pseudo_labels", "departure_epochs", "keep_exports")}
+    earlier["test_binarization"] = "fixed"
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(earlier))
+    assert rundir.RunDir(str(tmp_path)).read_config() == Config(labels=20)
+    path.write_text(json.dumps({**earlier, "precision_of_magic": 3}))
+    with pytest.raises(rundir.RunError, match="precision_of_magic") as error:
+        rundir.RunDir(str(tmp_path)).read_config()
+    assert "\n" not in str(error.value)

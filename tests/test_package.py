@@ -1,0 +1,82 @@
+"""The package installs with pip and works away from the checkout; the house rules hold."""
+
+import ast
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ("cagem-train", "cagem-evaluate", "cagem-export", "cagem-sample")
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """`pip install --target` of the checkout into a temporary folder (not this environment)."""
+    pytest.importorskip("setuptools")
+    target = tmp_path_factory.mktemp("site")
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                             "--no-build-isolation", "--target", str(target), ROOT],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return target
+
+
+def _env(target):
+    return dict(os.environ, PYTHONPATH=str(target), TF_CPP_MIN_LOG_LEVEL="")
+
+
+def test_installed_package_imports_from_another_directory(installed, tmp_path):
+    code = ("import cagem_tf, sys; from cagem_tf import CaGeM, Config; "
+            "print(cagem_tf.__file__); print(CaGeM.__name__, Config().epochs)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(installed),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    path, names = result.stdout.splitlines()[-2:]
+    assert path.startswith(str(installed)) and names == "CaGeM 1000"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_console_scripts_answer_help_without_tensorflow_log_lines(installed, tmp_path, script):
+    result = subprocess.run([str(installed / "bin" / script), "--help"], cwd=tmp_path,
+                            env=_env(installed), capture_output=True, text=True, timeout=300)
+    # absl ends --help with exit status 1 after printing the usage.
+    assert script in result.stdout, result.stderr[-3000:]
+    assert "--model_dir" in result.stdout or "--saved_model" in result.stdout
+    first = (result.stdout + result.stderr).lstrip().splitlines()[0]
+    assert "oneDNN" not in first and "cuda" not in first.lower(), first
+
+
+def test_help_lists_the_thread_flags_of_the_training_program():
+    result = subprocess.run([sys.executable, "train/main.py", "--help"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    for flag in ("--intra_op_threads", "--labels", "--pseudo_labels"):
+        assert flag in result.stdout
+
+
+def _python_files(*folders):
+    for folder in folders:
+        for base, _, names in os.walk(os.path.join(ROOT, folder)):
+            yield from (os.path.join(base, n) for n in names if n.endswith(".py"))
+
+
+def test_no_sys_path_edits_and_tests_import_only_the_library():
+    for path in _python_files("cagem_tf", "train", "export", "experiments", "bench", "tests"):
+        if path != os.path.abspath(__file__):
+            assert "sys" + ".path" not in open(path).read(), path
+    for path in _python_files("tests"):
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert node.module.split(".")[0] not in ("train", "export", "bench",
+                                                         "experiments"), (path, node.module)
+
+
+def test_the_library_never_imports_a_program():
+    for path in _python_files("cagem_tf"):
+        for node in ast.walk(ast.parse(open(path).read())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert name.split(".")[0] not in ("train", "export", "bench", "experiments"), \
+                    (path, name)

@@ -205,13 +205,10 @@ class CaGeM(keras.Model):
         terms = self.latent_terms(x, num_samples, seed, training=training)
         return objective.elbo(terms, self.temperature)
 
-    def sampled_log_weights(self, x, num_samples: int, seed=None, x_parts=None):
-        """log w_s [S,B] with y drawn instead of summed: y_s ~ q(y|z1_s,x),
-        w_s = p(x,y_s,z1_s,z2_s) / (q(z1_s|x) q(y_s|z1_s,x) q(z2_s|x,y_s,z1_s)).
-
-        Also E[w_s] = p(x), at one evaluation of the y-dependent networks per sample instead of K.
-        `x_parts` as in `latent_terms`.
-        """
+    def sampled_terms(self, x, num_samples: int, seed=None, x_parts=None):
+        """Log-densities of one draw z1_s ~ q(z1|x), y_s ~ q(y|z1_s,x), z2_s ~ q(z2|x,y_s,z1_s),
+        each [S,B]: log_q_z1, log_q_y, log_q_z2, log_p_x, log_p_z1, log_p_y, log_p_z2 (the
+        terms of `objective.sampled_log_weights`). `x_parts` as in `latent_terms`."""
         parts = self.x_parts(x) if x_parts is None else x_parts
         x = parts["x"]
         seed_z1, seed_y, seed_z2 = tfp.random.split_seed(self._seed(seed), n=3)
@@ -223,10 +220,16 @@ class CaGeM(keras.Model):
         q_z2 = self.q_z2.distribution(self.q_z2_inputs(y_one_hot, z1, None),
                                       projected=parts["q_z2"])
         z2 = q_z2.sample(seed=seed_z2)                                            # [S,B,d2]
-        log_p = (self.p_x.distribution([y_one_hot, z1]).log_prob(x)
-                 + self.p_z1.distribution([y_one_hot, z2]).log_prob(z1)
-                 + self.p_y.distribution([z2]).log_prob(y) + self.p_z2.log_prob(z2))
-        return log_p - q_z1.log_prob(z1) - q_y.log_prob(y) - q_z2.log_prob(z2)
+        return {"log_q_z1": q_z1.log_prob(z1), "log_q_y": q_y.log_prob(y),
+                "log_q_z2": q_z2.log_prob(z2),
+                "log_p_x": self.p_x.distribution([y_one_hot, z1]).log_prob(x),
+                "log_p_z1": self.p_z1.distribution([y_one_hot, z2]).log_prob(z1),
+                "log_p_y": self.p_y.distribution([z2]).log_prob(y),
+                "log_p_z2": self.p_z2.log_prob(z2)}
+
+    def sampled_log_weights(self, x, num_samples: int, seed=None, x_parts=None):
+        """`objective.sampled_log_weights` of `sampled_terms`: log w_s [S,B]."""
+        return objective.sampled_log_weights(self.sampled_terms(x, num_samples, seed, x_parts))
 
     def iw_bound(self, x, num_samples: int = 5000, chunk_size: int | None = None, seed=None,
                  estimator: str = "exact"):

@@ -8,6 +8,8 @@ Shapes: K clusters, S samples of z1, B examples. The terms are
   kl_z2 [K,S,B]       KL[q(z2|x,y,z1_s) || p(z2)], analytic
   log_p_z2, log_p_y, log_p_z1, log_p_x [K,S,B]
                       log p(z2^y), log p(y|z2^y), log p(z1|y,z2^y), log p(x|y,z1)
+With y drawn instead (`CaGeM.sampled_terms`, for `sampled_log_weights`) every term is [S,B]:
+  log_q_z1, log_q_y, log_q_z2, log_p_x, log_p_z1, log_p_y, log_p_z2 at (z1_s, y_s, z2_s).
 """
 
 import tensorflow as tf
@@ -51,6 +53,17 @@ def iw_log_weights(terms):
     log_joint_over_q_z2 = (terms["log_p_x"] + terms["log_p_z1"] + terms["log_p_y"]
                            + terms["log_p_z2"] - terms["log_q_z2"])
     return tf.reduce_logsumexp(log_joint_over_q_z2, axis=0) - terms["log_q_z1"]
+
+
+def sampled_log_weights(terms):
+    """log w_s [S,B] with y drawn instead of summed: y_s ~ q(y|z1_s,x),
+    w_s = p(x,y_s,z1_s,z2_s) / (q(z1_s|x) q(y_s|z1_s,x) q(z2_s|x,y_s,z1_s)).
+
+    Also E[w_s] = p(x), at one evaluation of the y-dependent networks per sample instead of K.
+    `terms` are those of `CaGeM.sampled_terms`, each [S,B].
+    """
+    log_p = terms["log_p_x"] + terms["log_p_z1"] + terms["log_p_y"] + terms["log_p_z2"]
+    return log_p - terms["log_q_z1"] - terms["log_q_y"] - terms["log_q_z2"]
 
 
 def log_mean_exp(log_w, axis=0):

@@ -2,7 +2,7 @@
 TensorBoard summaries that Keras' own TensorBoard callback does not write."""
 
 import math
-import os
+import time
 
 import keras
 import numpy as np
@@ -108,8 +108,9 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
 
 class PeriodicExport(keras.callbacks.Callback):
-    """A SavedModel every `every` epochs, after the epoch's checkpoint, and never for an epoch
-    that `checkpoint` refused (a NaN or inf loss); keeps the newest `keep` versions (0: all)."""
+    """A SavedModel after the first epoch and then every `every` epochs, after the epoch's
+    checkpoint, and never for an epoch that `checkpoint` refused (a NaN or inf loss); keeps the
+    newest `keep` versions (0: all)."""
 
     def __init__(self, export_dir: str, every: int, checkpoint: EpochCheckpoint, keep: int = 0,
                  log=print):
@@ -118,41 +119,85 @@ class PeriodicExport(keras.callbacks.Callback):
         self.checkpoint, self.log = checkpoint, log
 
     def on_epoch_end(self, epoch, logs=None):
-        if (epoch + 1) % self.every == 0 and self.checkpoint.bad_epoch is None:
+        if ((epoch + 1) % self.every == 0 or epoch == 0) and self.checkpoint.bad_epoch is None:
             self.log(f"exported {serving.export(self.model, self.export_dir, self.keep)}")
 
 
-class Summaries(keras.callbacks.Callback):
-    """TensorBoard summaries beside Keras' per-epoch training scalars, in the run's logs/eval.
+# Training logs -> TensorBoard tags shared with the evaluation run, so that the two overlay.
+TRAIN_TAGS = {"elbo": "elbo", "log_px": "log_px", "kl_z1": "kl_z1", "kl_z2": "kl_z2",
+              "kl_y": "kl_y", "h_p": "h_p", "h_q": "h_q", "loss": "loss",
+              "batch_usage": "batch_usage", "h_pseudo": "h_pseudo"}
 
-    Every epoch: learning rate, temperature, alpha. Every `eval_every` epochs (and at the last):
-    the evaluation of `evaluation.periodic_metrics` on the fixed images `x_eval` (ELBO terms, IW
-    bound, classifier errors when labels are used, active units), cluster use
-    (`evaluation.cluster_report`: clusters used, I(x;y), mean entropy of q(y|x), purity, NMI,
-    ARI, and for runs with labels the agreement of p(y|x) and q(y|x) and E_q[-log p(y|z2)];
-    occupancy and cluster-by-label charts), per-unit KL histograms, image grids of samples,
-    class-conditional samples and reconstructions, and the z2 means of the evaluation images
-    for the Projector, with their label, cluster and epoch.
+
+class Summaries(keras.callbacks.Callback):
+    """Every TensorBoard summary of a training run, on one step axis: the number of epochs
+    done (1 after the first epoch). Two runs hold the same tag for the same quantity, so that
+    TensorBoard overlays training and evaluation:
+
+    logs/train, every epoch: the epoch's means of the training terms (elbo, log_px, kl_z1,
+      kl_z2, kl_y, loss, batch_usage; with labels h_p, h_q and the batch errors error_p,
+      error_q), learning_rate, temperature, alpha, seconds_per_epoch, hours_left.
+    logs/eval, every `eval_every` epochs (and at the last), on the fixed images `x_eval`
+      (`evaluation.periodic_metrics`): elbo and its terms, iw_bound, with labels error_p,
+      error_q, h_p, h_q, agreement_pq, cross_entropy_p_y; active units, cluster use
+      (`evaluation.cluster_report`: clusters_used, mutual_information, mean_entropy, purity,
+      nmi, ari) with occupancy and cluster-by-label charts, per-unit KL histograms, image grids
+      of samples, class-conditional samples and reconstructions, and the Projector's z2 and z1
+      means with their label, cluster and epoch.
+    logs (the run's root): the run's settings for the HParams dashboard, written once.
     """
 
     def __init__(self, run: rundir.RunDir, x_eval, y_eval, num_classes: int, eval_every: int,
-                 iw_samples: int, epochs: int, report_errors: bool, seed: int = 0, log=print):
+                 iw_samples: int, epochs: int, report_errors: bool, seed: int = 0, log=print,
+                 hparams: dict | None = None):
         super().__init__()
         self.run = run
+        self.train_writer = tf.summary.create_file_writer(run.logs("train"))
         self.writer = tf.summary.create_file_writer(run.logs("eval"))
         self.x_eval, self.y_eval, self.num_classes = x_eval, y_eval, num_classes
         self.eval_every, self.iw_samples, self.epochs = eval_every, iw_samples, epochs
         self.report_errors, self.seed, self.log = report_errors, seed, log
+        self.hparams = hparams
+        self.started = self.epoch_started = None
+        self.epochs_timed = 0
+
+    def on_train_begin(self, logs=None):
+        self.started = time.time()
+        if self.hparams:
+            from tensorboard.plugins.hparams import api as hp
+            with tf.summary.create_file_writer(self.run.logs()).as_default():
+                hp.hparams(self.hparams)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_started = time.time()
 
     def on_epoch_end(self, epoch, logs=None):
-        step = epoch + 1
-        with self.writer.as_default(step=step):
+        step, logs = epoch + 1, logs or {}
+        seconds = time.time() - self.epoch_started
+        self.epochs_timed += 1
+        per_epoch = (time.time() - self.started) / self.epochs_timed
+        hours_left = per_epoch * (self.epochs - step) / 3600
+        with self.train_writer.as_default(step=step):
+            for key, tag in TRAIN_TAGS.items():
+                if key in logs:
+                    tf.summary.scalar(tag, float(logs[key]))
+            for key in ("accuracy_p", "accuracy_q"):
+                if key in logs:
+                    tf.summary.scalar(key.replace("accuracy", "error"), 1 - float(logs[key]))
             tf.summary.scalar("learning_rate", float(self.model.optimizer.learning_rate))
             tf.summary.scalar("temperature", float(self.model.temperature))
             tf.summary.scalar("alpha", self.model.alpha)
-            if self.eval_every > 0 and (step % self.eval_every == 0 or step == self.epochs):
+            tf.summary.scalar("seconds_per_epoch", seconds)
+            tf.summary.scalar("hours_left", hours_left)
+        self.train_writer.flush()
+        end = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() + hours_left * 3600))
+        self.log(f"epoch {step}/{self.epochs} done: {seconds:.0f} s, elapsed "
+                 f"{(time.time() - self.started) / 60:.1f} min, about {hours_left:.2f} h left "
+                 f"(ends about {end})")
+        if self.eval_every > 0 and (step % self.eval_every == 0 or step == self.epochs):
+            with self.writer.as_default(step=step):
                 self.evaluate(step)
-        self.writer.flush()
+            self.writer.flush()
 
     def evaluate(self, step):
         model = self.model
@@ -165,10 +210,10 @@ class Summaries(keras.callbacks.Callback):
         cluster_keys = ["clusters_used", "mutual_information", "mean_entropy", "purity", "nmi",
                         "ari"]
         if self.report_errors:
-            cluster_keys += ["agreement_pq", "cross_entropy_p_y"]
+            cluster_keys += ["h_p", "h_q", "agreement_pq", "cross_entropy_p_y"]
         shown.update({k: clusters[k] for k in cluster_keys})
         for name, value in shown.items():
-            tf.summary.scalar(f"eval/{name}", value)
+            tf.summary.scalar(name, value)
         tf.summary.image("clusters/occupancy",
                          figures.occupancy_chart(clusters["occupancy"])[None])
         tf.summary.image("clusters/cluster_by_label",
@@ -178,7 +223,8 @@ class Summaries(keras.callbacks.Callback):
         grids = figures.model_grids(model, self.x_eval, [self.seed, step])
         for name, image in grids.items():
             tf.summary.image(name, image[None])
-        figures.write_projector(self.run.logs("eval"), metrics["z2_means"], {
+        figures.write_projector(self.run.logs("eval"), {
+            "z2_means": metrics["z2_means"], "z1_means": metrics["z1_means"]}, {
             "label": self.y_eval, "cluster": np.argmax(clusters["q_y"], -1),
             "epoch": np.full(len(self.y_eval), step)})
         self.log(f"epoch {step} evaluation: " + ", ".join(

@@ -71,14 +71,17 @@ class Config:
     eval_iw_samples: int = _field(100, "Importance samples of the evaluation's IW bound; 0 "
                                   "skips it.")
     eval_subset: int = _field(1000, "Evaluation images (the first ones).")
-    export_every: int = _field(0, "Epochs between SavedModel exports; 0: only at the end.")
-    keep_exports: int = _field(0, "Export versions kept (the newest); 0 keeps all.")
+    export_every: int = _field(10, "SavedModel exports after the first epoch, then every this "
+                               "many epochs, and at the end; 0: only at the end.")
+    keep_exports: int = _field(3, "Export versions kept (the newest; TF Serving serves the "
+                               "newest); 0 keeps all.")
     keep_checkpoints: int = _field(3, "Checkpoints kept.")
     strategy: str = _field("default", "tf.distribute strategy; multi_worker reads TF_CONFIG.",
                            choices=STRATEGIES)
     fresh: bool = _field(False, "Start over: an existing run in --model_dir is moved aside to "
                          "<model_dir>.<time>.")
-    verbose: int = _field(1, "Keras progress: 0 silent, 1 bar, 2 a line per epoch.")
+    verbose: int = _field(-1, "Keras progress: 0 silent, 1 bar, 2 a line per epoch, -1 the bar "
+                          "on a terminal and a line per epoch otherwise.")
     clip_norm: float = _field(0.0, "Clip the gradient to this global norm; 0: no clipping (the "
                               "paper does not say).")
     y_init_stddev: float = _field(0.0, "Initialise the first-layer weights of the one-hot y "

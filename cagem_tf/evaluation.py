@@ -52,7 +52,7 @@ def periodic_metrics(model, x, y, iw_samples: int, seed: int = 0, batch_size: in
     """The metrics of one evaluation during training, on fixed images x [N,...], labels y [N].
 
     Returns floats (mean ELBO parts, iw_bound, error_p, error_q, active units) and arrays
-    (kl_z1_per_unit, kl_z2_per_unit, z2_means).
+    (kl_z1_per_unit, kl_z2_per_unit, z1_means, z2_means).
     """
     sums = {}
     for index, start in enumerate(range(0, len(x), batch_size)):
@@ -70,7 +70,7 @@ def periodic_metrics(model, x, y, iw_samples: int, seed: int = 0, batch_size: in
     metrics.update({k: latent[k] for k in ("active_units_z1", "active_units_z2")})
     metrics["kl_z1_per_unit"] = np.array(latent["kl_z1_per_unit"])
     metrics["kl_z2_per_unit"] = np.array(latent["kl_z2_per_unit"])
-    metrics["z2_means"] = latent["z2_means"]
+    metrics["z1_means"], metrics["z2_means"] = latent["z1_means"], latent["z2_means"]
     return metrics
 
 
@@ -159,13 +159,18 @@ def cluster_report(model, x, y=None, num_classes: int | None = None, seed: int =
                    batch_size: int = 500) -> dict:
     """How the model uses y on images x (`clustering.usage` of q(y|x)); with labels y, the
     clusters against them (`clustering.against_labels`); and the pieces of the cascade
-    classifier: agreement_pq, the share of images where argmax p(y|x) = argmax q(y|x), and
+    classifier: agreement_pq, the share of images where argmax p(y|x) = argmax q(y|x),
+    h_p and h_q, the cross-entropies of p(y|x) and q(y|x) against the labels, and
     cross_entropy_p_y = E_q[-log p(y|z2^y)] (one sample). "q_y" holds q(y|x) [N,K] itself."""
     p_y, q_y = cluster_probs(model, x, seed, batch_size)
     report = {**clustering.usage(q_y), "q_y": q_y}
     if y is not None:
         report.update(clustering.against_labels(q_y, y, num_classes or int(np.max(y)) + 1))
     report["agreement_pq"] = float(np.mean(np.argmax(p_y, -1) == np.argmax(q_y, -1)))
+    if y is not None:
+        index = (np.arange(len(y)), np.asarray(y, np.int64))
+        report["h_p"] = float(-np.mean(np.log(np.maximum(p_y[index], 1e-30))))
+        report["h_q"] = float(-np.mean(np.log(np.maximum(q_y[index], 1e-30))))
     total = 0.0
     for index, start in enumerate(range(0, len(x), batch_size)):
         terms = model.latent_terms(x[start:start + batch_size], 1,

@@ -83,25 +83,35 @@ def cluster_label_chart(table):
     return _rendered(fig)
 
 
-def write_projector(directory: str, embeddings, columns: dict, name: str = "z2_means"):
-    """Files the TensorBoard Projector reads, written into `directory`: a checkpoint holding
-    `embeddings` [N,d] as the variable `name`, metadata.tsv with one row per embedding and one
-    column per entry of `columns` (name -> [N] values; a header row when there are several),
-    and projector_config.pbtxt naming both. TensorBoard finds them in a run's directory (one
-    holding event files) or in the log directory itself."""
+def write_projector(directory: str, embeddings: dict, columns: dict):
+    """Files the TensorBoard Projector reads, written into `directory`: one tab-separated
+    tensor file per embedding (`embeddings`: name -> [N,d] values), metadata.tsv with a header
+    row and one row per point (`columns`: name -> [N] values), and projector_config.pbtxt naming
+    them by paths relative to itself, which TensorBoard resolves against the config file (a
+    relative checkpoint path it would resolve against its own working directory instead).
+    TensorBoard looks for the config in each run's directory (one holding event files) and in
+    the log directory itself. Each file is written aside and renamed into place."""
     os.makedirs(directory, exist_ok=True)
-    variable = tf.Variable(np.asarray(embeddings, np.float32), name=name)
-    tf.train.Checkpoint(**{name: variable}).write(os.path.join(directory, "embedding.ckpt"))
+
+    def write(name, text):
+        tmp = os.path.join(directory, f".{name}.tmp{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, os.path.join(directory, name))
+
     names = list(columns)
     rows = zip(*[np.asarray(columns[c]).tolist() for c in names])
-    with open(os.path.join(directory, "metadata.tsv"), "w") as f:
-        if len(names) > 1:
-            f.write("\t".join(names) + "\n")
-        f.write("".join("\t".join(str(v) for v in row) + "\n" for row in rows))
-    with open(os.path.join(directory, "projector_config.pbtxt"), "w") as f:
-        f.write('model_checkpoint_path: "embedding.ckpt"\n'
-                f'embeddings {{\n  tensor_name: "{name}/.ATTRIBUTES/VARIABLE_VALUE"\n'
-                '  metadata_path: "metadata.tsv"\n}\n')
+    write("metadata.tsv", "\t".join(names) + "\n"
+          + "".join("\t".join(str(v) for v in row) + "\n" for row in rows))
+    config = []
+    for name, values in embeddings.items():
+        values = np.asarray(values, np.float32)
+        write(f"{name}.tsv", "".join("\t".join(f"{v:.6g}" for v in row) + "\n"
+                                     for row in values))
+        config.append(f'embeddings {{\n  tensor_name: "{name}"\n  tensor_path: "{name}.tsv"\n'
+                      f'  tensor_shape: {values.shape[0]}\n  tensor_shape: {values.shape[1]}\n'
+                      f'  metadata_path: "metadata.tsv"\n}}\n')
+    write("projector_config.pbtxt", "".join(config))
 
 
 def save_png(image, path: str) -> None:

@@ -5,13 +5,14 @@ directory's layout is `cagem_tf.rundir`'s.
 """
 
 import os
+import sys
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from cagem_tf import callbacks, clustering, data, objective, rundir, serving
-from cagem_tf.config import Config
+from cagem_tf.config import MAY_CHANGE, Config
 from cagem_tf.model import CaGeM
 
 
@@ -71,7 +72,7 @@ def _labelled_subset(arrays, config: Config, run: rundir.RunDir, resuming: bool)
 
 def _callbacks(config: Config, run: rundir.RunDir, checkpoint, arrays, log):
     """KL warm-up, the departures' schedules, learning-rate decay, NaN stop, checkpoints,
-    TensorBoard (Keras' scalars and the periodic evaluation) and periodic exports."""
+    TensorBoard summaries (training, periodic evaluation, settings) and periodic exports."""
     schedule = callbacks.step_decay(config.learning_rate, config.lr_decay,
                                     config.lr_decay_epochs)
     fit_callbacks = [
@@ -81,19 +82,46 @@ def _callbacks(config: Config, run: rundir.RunDir, checkpoint, arrays, log):
         keras.callbacks.LearningRateScheduler(schedule),
         keras.callbacks.TerminateOnNaN(),
         checkpoint,
-        keras.callbacks.TensorBoard(run.logs(), write_graph=False, update_freq="epoch"),
     ]
     n_eval = min(config.eval_subset, len(arrays.x_test))
-    if n_eval:
-        fit_callbacks.append(callbacks.Summaries(
-            run, data.binarize_once(arrays.x_test[:n_eval], config.seed),
-            arrays.y_test[:n_eval], arrays.num_classes, config.eval_every,
-            config.eval_iw_samples, config.epochs, report_errors=bool(config.labels),
-            seed=config.seed, log=log))
+    hparams = {k: (v if isinstance(v, (bool, int, float, str)) else str(v))
+               for k, v in config.to_dict().items() if k not in MAY_CHANGE}
+    fit_callbacks.append(callbacks.Summaries(
+        run, data.binarize_once(arrays.x_test[:n_eval], config.seed), arrays.y_test[:n_eval],
+        arrays.num_classes, config.eval_every if n_eval else 0, config.eval_iw_samples,
+        config.epochs, report_errors=bool(config.labels), seed=config.seed, log=log,
+        hparams=hparams))
     if config.export_every:
         fit_callbacks.append(callbacks.PeriodicExport(run.export, config.export_every,
                                                       checkpoint, config.keep_exports, log))
     return fit_callbacks
+
+
+# Seconds per MNIST epoch on 2 CPU cores (AMD EPYC, docs/performance.md), to say before a long
+# CPU run how long it would take; the hidden widths they were measured at.
+CPU_EPOCH_SECONDS = {(1024, 512): 90, (500, 256): 20}
+
+
+def plan(config: Config, arrays, streams, model, initial_epoch: int) -> list[str]:
+    """What the run will do, said before it starts."""
+    steps = streams.num_unlabelled // config.batch_size
+    run = rundir.RunDir(config.model_dir)
+    lines = [f"{arrays.name}: {len(arrays.x_train)} training images ({streams.num_labelled} "
+             f"labelled), {len(arrays.x_test)} evaluation images, {arrays.image_shape}; "
+             f"K = {model.num_clusters} clusters; {model.count_params():,} parameters "
+             f"(hidden {config.hidden_lower}/{config.hidden_upper})",
+             f"epochs {initial_epoch + 1}..{config.epochs} of {steps} steps "
+             f"(batch {config.batch_size}); run directory {run.path}",
+             f"TensorBoard: tensorboard --logdir {run.logs()}"]
+    widths = (config.hidden_lower[0], config.hidden_upper[0])
+    if not tf.config.list_physical_devices("GPU") and widths in CPU_EPOCH_SECONDS:
+        hours = CPU_EPOCH_SECONDS[widths] * (config.epochs - initial_epoch) / 3600
+        if hours > 2:
+            lines.append(f"no GPU: {config.epochs - initial_epoch} epochs at this size take "
+                         f"about {hours:.0f} h on 2 CPU cores; the quick start "
+                         "(--flagfile experiments/quickstart.flags) takes about 5 min, the "
+                         "CPU protocol (experiments/cpu_*.flags) about 10 min per model")
+    return lines
 
 
 def train(config: Config, log=print) -> dict:
@@ -136,9 +164,12 @@ def train(config: Config, log=print) -> dict:
         log(f"{run.path} has trained {initial_epoch} epochs already (--epochs "
             f"{config.epochs}); raise --epochs to train on")
 
+    for line in plan(config, arrays, streams, model, initial_epoch):
+        log(line)
+    verbose = config.verbose if config.verbose >= 0 else (1 if sys.stdout.isatty() else 2)
     history = model.fit(streams.train, epochs=config.epochs, initial_epoch=initial_epoch,
                         callbacks=_callbacks(config, run, checkpoint, arrays, log),
-                        verbose=config.verbose)
+                        verbose=verbose)
     if checkpoint.bad_epoch is not None:
         kept = checkpoint.manager.latest_checkpoint or "none yet"
         raise TrainingError(f"the loss became NaN or inf in epoch {checkpoint.bad_epoch + 1}; "

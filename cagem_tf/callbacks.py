@@ -113,14 +113,16 @@ class PeriodicExport(keras.callbacks.Callback):
     newest `keep` versions (0: all)."""
 
     def __init__(self, export_dir: str, every: int, checkpoint: EpochCheckpoint, keep: int = 0,
-                 log=print):
+                 iw_samples=serving.IW_SAMPLES, log=print):
         super().__init__()
         self.export_dir, self.every, self.keep = export_dir, every, keep
+        self.iw_samples = iw_samples
         self.checkpoint, self.log = checkpoint, log
 
     def on_epoch_end(self, epoch, logs=None):
         if ((epoch + 1) % self.every == 0 or epoch == 0) and self.checkpoint.bad_epoch is None:
-            self.log(f"exported {serving.export(self.model, self.export_dir, self.keep)}")
+            path = serving.export(self.model, self.export_dir, self.keep, self.iw_samples)
+            self.log(f"exported {path}")
 
 
 # Training logs -> TensorBoard tags shared with the evaluation run, so that the two overlay.

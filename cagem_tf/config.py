@@ -10,6 +10,7 @@ import typing
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 # Fields that may differ when a run is resumed: they do not change what is being trained.
 MAY_CHANGE = ("epochs", "eval_every", "eval_iw_samples", "eval_subset", "export_every",
+              "export_iw_samples",
               "keep_exports", "keep_checkpoints", "data_dir", "manual_dir", "strategy", "fresh",
               "verbose", "model_dir")
 # Keys of config.json files written by earlier versions that no longer mean anything:
@@ -73,6 +74,8 @@ class Config:
     eval_subset: int = _field(1000, "Evaluation images (the first ones).")
     export_every: int = _field(10, "SavedModel exports after the first epoch, then every this "
                                "many epochs, and at the end; 0: only at the end.")
+    export_iw_samples: list[int] = _field([1000], "Importance samples S of the exported "
+                                          "log_likelihood_<S> signatures (one or more).")
     keep_exports: int = _field(3, "Export versions kept (the newest; TF Serving serves the "
                                "newest); 0 keeps all.")
     keep_checkpoints: int = _field(3, "Checkpoints kept.")
@@ -99,7 +102,7 @@ class Config:
                                    "fall linearly to 0.")
 
     def __post_init__(self):
-        for key in ("hidden_lower", "hidden_upper"):
+        for key in ("hidden_lower", "hidden_upper", "export_iw_samples"):
             widths = getattr(self, key)
             widths = [widths] if isinstance(widths, int) else list(widths)
             try:
@@ -107,7 +110,8 @@ class Config:
             except (TypeError, ValueError):
                 raise ConfigError(f"--{key} {','.join(map(str, widths))}: give integers, e.g. "
                                   "1024 or 1024,512") from None
-            setattr(self, key, widths * 2 if len(widths) == 1 else widths)
+            setattr(self, key, widths * 2 if len(widths) == 1 and key != "export_iw_samples"
+                    else widths)
         self.check()
 
     def check(self) -> None:
@@ -126,10 +130,10 @@ class Config:
             raise ConfigError("--learning_rate must be > 0 and --lr_decay in (0, 1]")
         if not self.beta >= 0:
             raise ConfigError(f"--beta {self.beta}: must be >= 0")
-        for key in ("hidden_lower", "hidden_upper"):
+        for key in ("hidden_lower", "hidden_upper", "export_iw_samples"):
             if not getattr(self, key) or min(getattr(self, key)) < 1:
                 raise ConfigError(f"--{key} {getattr(self, key)}: give one or more positive "
-                                  "widths")
+                                  "integers")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"--strategy {self.strategy}: use one of {', '.join(STRATEGIES)}")
         if (self.cluster_usage or self.pseudo_labels) and self.departure_epochs < 1:

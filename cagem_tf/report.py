@@ -19,8 +19,9 @@ CLUSTER_KEYS = ("clusters_used", "mutual_information", "mean_entropy", "occupanc
 
 def evaluate(model_dir, checkpoint=None, iw_samples=(1, 10, 5000), subset=0, batch_size=100,
              chunk_size=None, split="test", figures_too=True, seed=0, progress=True, log=print,
-             iw_estimator="exact") -> dict:
-    """Evaluates the run in `model_dir`; returns the results dict also written to disk."""
+             iw_estimator="exact", figures_dir=None) -> dict:
+    """Evaluates the run in `model_dir`; returns the results dict also written to disk
+    (RUN/evaluation; the figures to `figures_dir` when given)."""
     if not iw_samples or min(iw_samples) < 1 or subset < 0 or batch_size < 1 or (
             chunk_size is not None and chunk_size < 1):
         raise rundir.RunError("--iw_samples, --batch_size and --chunk_size must be >= 1 and "
@@ -53,7 +54,7 @@ def evaluate(model_dir, checkpoint=None, iw_samples=(1, 10, 5000), subset=0, bat
         f.write(markdown(results))
     os.replace(tmp, os.path.join(run.evaluation, "results.md"))
     if figures_too:
-        write_figures(model, x, y, latent, clusters, run, seed)
+        write_figures(model, x, y, latent, clusters, run, seed, figures_dir)
     log(markdown(results))
     return results
 
@@ -89,10 +90,13 @@ def markdown(results) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_figures(model, x, y, latent, clusters, run: rundir.RunDir, seed):
-    """PNG files in the run's evaluation/ and TensorBoard images in logs/evaluation: samples,
+def write_figures(model, x, y, latent, clusters, run: rundir.RunDir, seed, out_dir=None):
+    """PNG files in `out_dir` (default the run's evaluation/) and TensorBoard images in
+    logs/evaluation: samples,
     class-conditional samples, reconstructions, cluster occupancy and cluster-by-label counts,
     PCA of z1 and z2 means (Figure 5), and with dim(z2) = 2 the z2 mesh (Figure 3)."""
+    out_dir = out_dir or run.evaluation
+    os.makedirs(out_dir, exist_ok=True)
     images = figures.model_grids(model, x, [seed, 7])
     images["occupancy"] = figures.occupancy_chart(clusters["occupancy"])
     images["cluster_by_label"] = figures.cluster_label_chart(clusters["cluster_by_label"])
@@ -101,12 +105,12 @@ def write_figures(model, x, y, latent, clusters, run: rundir.RunDir, seed):
     writer = tf.summary.create_file_writer(run.logs("evaluation"))
     with writer.as_default(step=0):
         for name, image in images.items():
-            figures.save_png(image, os.path.join(run.evaluation, f"{name}.png"))
+            figures.save_png(image, os.path.join(out_dir, f"{name}.png"))
             tf.summary.image(name, image[None])
     writer.flush()
     for layer in ("z1", "z2"):
         figures.pca_plot(latent[f"{layer}_means"], y,
-                         os.path.join(run.evaluation, f"pca_{layer}.png"),
+                         os.path.join(out_dir, f"pca_{layer}.png"),
                          f"PCA of the {layer} means")
 
 

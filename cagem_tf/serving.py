@@ -1,18 +1,24 @@
 """A trained CaGeM as a SavedModel for serving: sampler, classifier and likelihood signatures.
 
-The SavedModel loads with TensorFlow alone. Signatures (inputs -> outputs):
-  classify(x)                      -> p_y [N,K], q_y [N,K], label [N] int32   (serving_default)
-  sample(num_samples, seed)        -> probs [N,H,W,C], images [N,H,W,C], y [N] int32
-  sample_class(y, seed)            -> probs, images
-  log_likelihood(x, num_samples)   -> log_likelihood [N] (nats, importance-weighted bound,
-                                      y summed in every weight)
-  log_likelihood_sampled(x, num_samples) -> log_likelihood [N] (the same bound with y drawn from
-                                      q(y|z1,x) per sample: about K/1.4 times cheaper per sample)
-  encode(x)                        -> z1 [N,d1], z2 [N,d2] (means; z2 with y marginalised)
-  reconstruct(x)                   -> probs [N,H,W,C]
-x is float32 [N,H,W,C] in [0,1]; seeds are int32 scalars (negative: fresh randomness).
-Inputs are checked in the graph; a bad one fails with a message naming the expected shape or
-range. Versions follow TF Serving: DIR/<integer>/, written aside and renamed into place.
+The SavedModel loads with TensorFlow alone. Every input and output of every signature has a
+leading batch dimension N, so that each signature works with TF Serving's REST row format
+({"instances": [...]}), its columnar format ({"inputs": {...}}) and server-side batching: a
+row's answer depends on that row alone, never on the other rows batched with it.
+
+  classify(x)                 -> p_y [N,K], q_y [N,K], label [N] int32   (serving_default)
+  sample(seed)                -> probs [N,H,W,1], images [N,H,W,1], y [N] int32
+  sample_class(y, seed)       -> probs, images
+  log_likelihood_<S>(x)       -> log_likelihood [N] (nats, the importance-weighted bound with S
+                                 samples, y summed in every weight)
+  log_likelihood_sampled_<S>(x) -> log_likelihood [N] (the same bound with y drawn from
+                                 q(y|z1,x) per sample: about K/1.4 times cheaper per sample)
+  encode(x)                   -> z1 [N,d1], z2 [N,d2] (means; z2 with y marginalised)
+  reconstruct(x)              -> probs [N,H,W,1]
+x is float32 [N,H,W,1] in [0,1]; y and seed are int32 [N]: one sample per seed, the same seed
+gives the same sample, a negative seed draws fresh randomness. S is fixed per signature (the
+export's `iw_samples`). Inputs are checked in the graph: a bad one fails with a message naming
+the expected shape or range. Versions follow TF Serving: DIR/<integer>/, written aside and
+renamed into place.
 """
 
 import os
@@ -23,6 +29,7 @@ import keras
 import tensorflow as tf
 
 CLASSIFIER_SEED = (0, 0)      # classify and log_likelihood answer the same for the same input
+IW_SAMPLES = (1000,)          # the likelihood signatures of an export, by default
 
 
 class ExportError(RuntimeError):
@@ -35,31 +42,26 @@ def _stateless_seed(seed):
     return tf.where(seed < 0, fresh, tf.stack([seed, tf.constant(0, tf.int32)]))
 
 
-def _endpoints(model):
+def _per_row(fn, elems, dtypes):
+    """fn on each row alone (its answer cannot depend on the rest of the batch)."""
+    return tf.map_fn(fn, elems, fn_output_signature=dtypes)
+
+
+def _endpoints(model, iw_samples=IW_SAMPLES):
     """(name, function, input signature) of every signature, classify first."""
     shape = list(model.image_shape)
     K = model.num_clusters
     described = f"x must be float32 [N,{','.join(map(str, shape))}] with values in [0, 1]"
-    x_spec = tf.TensorSpec(None, tf.float32, name="x")
-    seed_spec = tf.TensorSpec([], tf.int32, name="seed")
-    count_spec = tf.TensorSpec([], tf.int32, name="num_samples")
+    x_spec = tf.TensorSpec([None, *shape], tf.float32, name="x")
+    seed_spec = tf.TensorSpec([None], tf.int32, name="seed")
+    y_spec = tf.TensorSpec([None], tf.int32, name="y")
+    fixed = tf.constant(CLASSIFIER_SEED, tf.int32)
 
     def images(x):
-        # The size is compared only once the rank is known to match.
-        shape_ok = tf.cond(tf.equal(tf.rank(x), len(shape) + 1),
-                           lambda: tf.reduce_all(tf.equal(tf.shape(x)[1:], shape)),
-                           lambda: tf.constant(False))
-        with tf.control_dependencies([tf.debugging.assert_equal(shape_ok, True,
-                                                                message=described)]):
-            checks = [tf.debugging.assert_greater_equal(x, 0.0, message=described),
-                      tf.debugging.assert_less_equal(x, 1.0, message=described)]
+        checks = [tf.debugging.assert_greater_equal(x, 0.0, message=described),
+                  tf.debugging.assert_less_equal(x, 1.0, message=described)]
         with tf.control_dependencies(checks):
             return tf.identity(x)
-
-    def count(n, what):
-        check = tf.debugging.assert_positive(n, message=f"{what} must be a positive int32")
-        with tf.control_dependencies([check]):
-            return tf.identity(n)
 
     def binary(probs, seed):
         noise_seed = tf.random.experimental.stateless_fold_in(seed, 1)
@@ -67,28 +69,39 @@ def _endpoints(model):
                        tf.float32)
 
     def classify(x):
-        p_y, q_y = model.classify(images(x), seed=tf.constant(CLASSIFIER_SEED))
+        def row(xi):
+            p_y, q_y = model.classify(xi[None], seed=fixed)
+            return p_y[0], q_y[0]
+        p_y, q_y = _per_row(row, images(x), (tf.float32, tf.float32))
         return {"p_y": p_y, "q_y": q_y, "label": tf.argmax(p_y, -1, output_type=tf.int32)}
 
-    def sample(num_samples, seed):
+    def one_sample(y, seed):
         seed = _stateless_seed(seed)
-        probs, y = model.sample(count(num_samples, "num_samples"), seed=seed)
-        return {"probs": probs, "images": binary(probs, seed), "y": y}
+        probs, y = model.sample(1, y=None if y is None else y[None], seed=seed)
+        return probs[0], binary(probs, seed)[0], y[0]
+
+    def sample(seed):
+        probs, binary_images, y = _per_row(lambda s: one_sample(None, s), seed,
+                                           (tf.float32, tf.float32, tf.int32))
+        return {"probs": probs, "images": binary_images, "y": y}
 
     def sample_class(y, seed):
         check = tf.debugging.assert_equal(
             tf.logical_and(y >= 0, y < K), True,
             message=f"y must be int32 [N] with values in [0, {K})")
-        with tf.control_dependencies([check]):
+        size = tf.debugging.assert_equal(tf.size(y), tf.size(seed),
+                                         message="y and seed must have the same length N")
+        with tf.control_dependencies([check, size]):
             y = tf.identity(y)
-        seed = _stateless_seed(seed)
-        probs, _ = model.sample(tf.size(y), y=y, seed=seed)
-        return {"probs": probs, "images": binary(probs, seed)}
+        probs, binary_images, _ = _per_row(lambda ys: one_sample(ys[0], ys[1]), (y, seed),
+                                           (tf.float32, tf.float32, tf.int32))
+        return {"probs": probs, "images": binary_images}
 
-    def likelihood(estimator):
-        def log_likelihood(x, num_samples):
-            value = model.iw_bound(images(x), count(num_samples, "num_samples"),
-                                   seed=tf.constant(CLASSIFIER_SEED), estimator=estimator)
+    def likelihood(estimator, samples):
+        def log_likelihood(x):
+            value = _per_row(lambda xi: model.iw_bound(xi[None], samples, seed=fixed,
+                                                       estimator=estimator)[0],
+                             images(x), tf.float32)
             return {"log_likelihood": value}
         return log_likelihood
 
@@ -99,14 +112,14 @@ def _endpoints(model):
     def reconstruct(x):
         return {"probs": model.reconstruct(images(x))}
 
-    return [("classify", classify, [x_spec]),
-            ("sample", sample, [count_spec, seed_spec]),
-            ("sample_class", sample_class, [tf.TensorSpec([None], tf.int32, name="y"),
-                                            seed_spec]),
-            ("log_likelihood", likelihood("exact"), [x_spec, count_spec]),
-            ("log_likelihood_sampled", likelihood("sampled"), [x_spec, count_spec]),
-            ("encode", encode, [x_spec]),
-            ("reconstruct", reconstruct, [x_spec])]
+    endpoints = [("classify", classify, [x_spec]),
+                 ("sample", sample, [seed_spec]),
+                 ("sample_class", sample_class, [y_spec, seed_spec])]
+    for samples in iw_samples:
+        endpoints += [(f"log_likelihood_{samples}", likelihood("exact", samples), [x_spec]),
+                      (f"log_likelihood_sampled_{samples}", likelihood("sampled", samples),
+                       [x_spec])]
+    return endpoints + [("encode", encode, [x_spec]), ("reconstruct", reconstruct, [x_spec])]
 
 
 def next_version(export_dir: str) -> int:
@@ -117,10 +130,11 @@ def next_version(export_dir: str) -> int:
     return max(versions, default=0) + 1
 
 
-def export(model, export_dir: str, keep: int = 0) -> str:
+def export(model, export_dir: str, keep: int = 0, iw_samples=IW_SAMPLES) -> str:
     """Writes the SavedModel of `model` to export_dir/<next version>/; returns that path.
 
-    It is written to a hidden temporary directory beside it and renamed, so that a reader never
+    `iw_samples`: the S of the likelihood signatures. It is written to a hidden temporary
+    directory beside it and renamed, so that a reader never
     sees a half-written version and an existing version is never overwritten. keep > 0 then
     removes all but the newest `keep` versions (TF Serving serves the newest by itself).
     """
@@ -130,7 +144,9 @@ def export(model, export_dir: str, keep: int = 0) -> str:
     tmp = os.path.join(export_dir, f".tmp-{version}-{os.getpid()}")
     archive = keras.export.ExportArchive()
     archive.track(model)
-    for name, fn, signature in _endpoints(model):
+    if not iw_samples or min(iw_samples) < 1:
+        raise ExportError(f"iw_samples {list(iw_samples)}: give one or more positive counts")
+    for name, fn, signature in _endpoints(model, tuple(int(s) for s in iw_samples)):
         archive.add_endpoint(name, fn, input_signature=signature)
     archive.write_out(tmp, verbose=False)
     try:

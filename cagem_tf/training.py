@@ -93,7 +93,8 @@ def _callbacks(config: Config, run: rundir.RunDir, checkpoint, arrays, log):
         hparams=hparams))
     if config.export_every:
         fit_callbacks.append(callbacks.PeriodicExport(run.export, config.export_every,
-                                                      checkpoint, config.keep_exports, log))
+                                                      checkpoint, config.keep_exports,
+                                                      config.export_iw_samples, log))
     return fit_callbacks
 
 
@@ -178,5 +179,6 @@ def train(config: Config, log=print) -> dict:
                             "--learning_rate to start over")
     every = config.export_every
     if initial_epoch < config.epochs and not (every and config.epochs % every == 0):
-        log(f"exported {serving.export(model, run.export, config.keep_exports)}")
+        path = serving.export(model, run.export, config.keep_exports, config.export_iw_samples)
+        log(f"exported {path}")
     return {k: v[-1] for k, v in history.history.items()} if history.history else {}

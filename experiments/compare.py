@@ -1,7 +1,7 @@
 """Train and evaluate a set of flagfiles, then write one comparison table.
 
 python experiments/compare.py --flagfiles experiments/cpu_cagem100.flags,experiments/cpu_vae.flags
-    --out runs/cpu_protocol [--iw_samples 1,10,1000] [--subset 1000] [-- extra train flags]
+    --out runs/cpu_protocol [--eval_iw_samples 1,10,1000] [--eval_subset 1000] [-- extra train flags]
 
 Each flagfile trains into OUT/<its name> (an existing run resumes), is evaluated with
 train/evaluate.py, and OUT/comparison.md gets one row per run (and OUT/likelihood_vs_labels.png
@@ -16,14 +16,16 @@ import time
 
 from absl import app, flags
 
-from cagem_tf import figures, report
+from cagem_tf import cli, figures, report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 flags.DEFINE_list("flagfiles", None, "Flagfiles of train/main.py, one run each.")
 flags.DEFINE_string("out", None, "Directory of the runs and of comparison.md.")
-flags.DEFINE_list("iw_samples", ["1", "10", "1000"], "Bounds F_S to evaluate.")
-flags.DEFINE_integer("subset", 1000, "Test images evaluated (the first ones; 0: all).")
+flags.DEFINE_list("eval_iw_samples", ["1", "10", "1000"], "Bounds F_S to evaluate.")
+flags.DEFINE_integer("eval_subset", 1000, "Test images evaluated (the first ones; 0: all).")
+flags.DEFINE_list("iw_samples", None, "Deprecated name of --eval_iw_samples.")
+flags.DEFINE_integer("subset", None, "Deprecated name of --eval_subset.")
 flags.mark_flags_as_required(["flagfiles", "out"])
 FLAGS = flags.FLAGS
 
@@ -43,7 +45,9 @@ def main(argv):
     missing = [f for f in FLAGS.flagfiles if not os.path.isfile(f)]
     if missing:
         sys.exit(f"error: no such flagfile: {', '.join(missing)}")
-    samples = [str(int(s)) for s in FLAGS.iw_samples]
+    cli.rename("iw_samples", "eval_iw_samples")
+    cli.rename("subset", "eval_subset")
+    samples = [str(int(s)) for s in FLAGS.eval_iw_samples]
     os.makedirs(FLAGS.out, exist_ok=True)
     rows = []
     for flagfile in FLAGS.flagfiles:
@@ -55,7 +59,8 @@ def main(argv):
              f"--model_dir={os.path.abspath(run_dir)}", *extra], log_path)
         trained = time.time()
         run([sys.executable, "train/evaluate.py", f"--model_dir={os.path.abspath(run_dir)}",
-             f"--iw_samples={','.join(samples)}", f"--subset={FLAGS.subset}"], log_path)
+             f"--eval_iw_samples={','.join(samples)}", f"--eval_subset={FLAGS.eval_subset}"],
+            log_path)
         with open(os.path.join(run_dir, "evaluation", "results.json")) as f:
             result = json.load(f)
         result.update(train_seconds=trained - start, eval_seconds=time.time() - trained)

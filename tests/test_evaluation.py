@@ -141,7 +141,7 @@ def test_driver_on_two_tiny_configurations(tiny_npz, tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
     result = subprocess.run([sys.executable, "experiments/compare.py",
                              f"--flagfiles={','.join(files)}", f"--out={out}",
-                             "--iw_samples=1,5", "--subset=30", "--", f"--dataset={tiny_npz}"],
+                             "--eval_iw_samples=1,5", "--eval_subset=30", "--", f"--dataset={tiny_npz}"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = open(out / "comparison.md").read().splitlines()

@@ -25,7 +25,12 @@ def model():
 @pytest.fixture(scope="module")
 def exported(model, tmp_path_factory):
     export_dir = str(tmp_path_factory.mktemp("export"))
-    return export_dir, serving.export(model, export_dir)
+    return export_dir, serving.export(model, export_dir, iw_samples=(200, 1000))
+
+
+SIGNATURES = ["classify", "sample", "sample_class", "log_likelihood_200",
+              "log_likelihood_1000", "log_likelihood_sampled_200",
+              "log_likelihood_sampled_1000", "encode", "reconstruct", "serving_default"]
 
 
 def _images(n=5, seed=0):
@@ -44,15 +49,17 @@ x = tf.constant(np.load(sys.argv[2]))
 out = {"signatures": sorted(m.signatures)}
 for name, kwargs in [
         ("classify", dict(x=x)), ("encode", dict(x=x)), ("reconstruct", dict(x=x)),
-        ("log_likelihood", dict(x=x, num_samples=tf.constant(200))),
-        ("log_likelihood_sampled", dict(x=x, num_samples=tf.constant(1000))),
-        ("sample", dict(num_samples=tf.constant(4), seed=tf.constant(7))),
-        ("sample_class", dict(y=tf.constant([0, 2, 1]), seed=tf.constant(7)))]:
+        ("log_likelihood_200", dict(x=x)), ("log_likelihood_sampled_1000", dict(x=x)),
+        ("sample", dict(seed=tf.constant([7, 8, 7, 9]))),
+        ("sample_class", dict(y=tf.constant([0, 2, 1]), seed=tf.constant([7, 7, 7])))]:
     out[name] = {k: v.numpy().tolist() for k, v in m.signatures[name](**kwargs).items()}
-again = m.signatures["sample"](num_samples=tf.constant(4), seed=tf.constant(7))
-out["same_seed_same_sample"] = bool(np.array_equal(again["probs"], out["sample"]["probs"]))
-fresh = [m.signatures["sample"](num_samples=tf.constant(4), seed=tf.constant(-1))["probs"]
-         for _ in range(2)]
+out["specs"] = {name: {k: v.shape.as_list() for k, v in
+                       m.signatures[name].structured_input_signature[1].items()}
+                for name in m.signatures}
+again = m.signatures["sample"](seed=tf.constant([9, 7]))["probs"].numpy()
+out["same_seed_same_sample"] = bool(np.array_equal(again[1], out["sample"]["probs"][0])
+                                    and np.array_equal(again[0], out["sample"]["probs"][3]))
+fresh = [m.signatures["sample"](seed=tf.constant([-1, -1]))["probs"] for _ in range(2)]
 out["negative_seed_fresh"] = not np.array_equal(fresh[0], fresh[1])
 out["modules"] = sorted(k for k in sys.modules if k.split(".")[0] in
                         ("cagem_tf", "tensorflow_probability", "export"))
@@ -70,23 +77,29 @@ def test_loads_with_tensorflow_alone_and_matches_the_model(model, exported, tmp_
     assert lines, result.stderr[-3000:]
     out = json.loads(lines[0][len("RESULT"):])
     assert out["modules"] == []
-    assert out["signatures"] == sorted(["classify", "sample", "sample_class", "log_likelihood",
-                                        "log_likelihood_sampled", "encode", "reconstruct",
-                                        "serving_default"])
-    p_y, q_y = model.classify(x, seed=tf.constant(serving.CLASSIFIER_SEED))
-    np.testing.assert_allclose(out["classify"]["p_y"], p_y, atol=1e-5)
-    np.testing.assert_allclose(out["classify"]["q_y"], q_y, atol=1e-5)
-    assert out["classify"]["label"] == np.argmax(p_y, -1).tolist()
-    for name, estimator, samples in (("log_likelihood", "exact", 200),
-                                     ("log_likelihood_sampled", "sampled", 1000)):
-        same_seed = model.iw_bound(x, samples, seed=tf.constant(serving.CLASSIFIER_SEED),
-                                   estimator=estimator)
-        np.testing.assert_allclose(out[name]["log_likelihood"], same_seed, rtol=1e-4)
+    assert out["signatures"] == sorted(SIGNATURES)
+    # Every input has a leading batch dimension; x is [N,H,W,1].
+    for name, inputs in out["specs"].items():
+        for shape in inputs.values():
+            assert shape[0] is None, (name, inputs)
+    assert out["specs"]["classify"] == {"x": [None, *SHAPE]}
+    assert out["specs"]["sample_class"] == {"y": [None], "seed": [None]}
+    seed = tf.constant(serving.CLASSIFIER_SEED)
+    for i in range(len(x)):  # each row is answered as if alone
+        p_y, q_y = model.classify(x[i:i + 1], seed=seed)
+        np.testing.assert_allclose(out["classify"]["p_y"][i], p_y[0], atol=1e-5)
+        np.testing.assert_allclose(out["classify"]["q_y"][i], q_y[0], atol=1e-5)
+        for name, estimator, samples in (("log_likelihood_200", "exact", 200),
+                                         ("log_likelihood_sampled_1000", "sampled", 1000)):
+            alone = model.iw_bound(x[i:i + 1], samples, seed=seed, estimator=estimator)
+            np.testing.assert_allclose(out[name]["log_likelihood"][i], alone[0], rtol=1e-4)
+    assert out["classify"]["label"] == np.argmax(out["classify"]["p_y"], -1).tolist()
     z1, z2 = model.encode(x)
     np.testing.assert_allclose(out["encode"]["z1"], z1, atol=1e-5)
     np.testing.assert_allclose(out["encode"]["z2"], z2, atol=1e-5)
     np.testing.assert_allclose(out["reconstruct"]["probs"], model.reconstruct(x), atol=1e-5)
     assert np.array(out["sample"]["probs"]).shape == (4, *SHAPE)
+    assert out["sample"]["probs"][0] == out["sample"]["probs"][2]  # seed 7 twice
     assert set(np.unique(out["sample"]["images"])) <= {0.0, 1.0}
     assert all(0 <= y < K for y in out["sample"]["y"])
     assert np.array(out["sample_class"]["probs"]).shape == (3, *SHAPE)
@@ -99,8 +112,7 @@ def test_saved_model_cli_shows_and_runs(exported, tmp_path):
     cli = [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
     shown = subprocess.run([*cli, "show", "--dir", path, "--all"], env=_env(),
                            capture_output=True, text=True, timeout=300)
-    for name in ("classify", "sample", "sample_class", "log_likelihood",
-                 "log_likelihood_sampled", "encode", "reconstruct", "serving_default"):
+    for name in SIGNATURES:
         assert f"signature_def['{name}']" in shown.stdout, shown.stderr[-2000:]
     ran = subprocess.run([*cli, "run", "--dir", path, "--tag_set", "serve", "--signature_def",
                           "classify", "--inputs", f"x={tmp_path / 'x.npy'}"],
@@ -114,17 +126,13 @@ def loaded(exported):
 
 
 @pytest.mark.parametrize("signature,kwargs,message", [
-    ("classify", dict(x=tf.zeros([2, 6, 6])), r"x must be float32 \[N,6,6,1\]"),
-    ("classify", dict(x=tf.zeros([2, 5, 6, 1])), r"x must be float32 \[N,6,6,1\]"),
     ("classify", dict(x=tf.fill([1, 6, 6, 1], 1.5)), r"values in \[0, 1\]"),
     ("encode", dict(x=tf.fill([1, 6, 6, 1], -0.1)), r"values in \[0, 1\]"),
-    ("log_likelihood", dict(x=tf.zeros([1, 6, 6, 1]), num_samples=tf.constant(0)),
-     "num_samples must be a positive"),
-    ("log_likelihood_sampled", dict(x=tf.zeros([1, 6, 6]), num_samples=tf.constant(10)),
-     r"x must be float32 \[N,6,6,1\]"),
-    ("sample", dict(num_samples=tf.constant(-2), seed=tf.constant(0)),
-     "num_samples must be a positive"),
-    ("sample_class", dict(y=tf.constant([0, 3]), seed=tf.constant(0)), r"values in \[0, 3\)"),
+    ("log_likelihood_200", dict(x=tf.fill([2, 6, 6, 1], 2.0)), r"x must be float32 \[N,6,6,1\]"),
+    ("sample_class", dict(y=tf.constant([0, 3]), seed=tf.constant([0, 0])),
+     r"values in \[0, 3\)"),
+    ("sample_class", dict(y=tf.constant([0, 1]), seed=tf.constant([0, 0, 0])),
+     "the same length N"),
 ])
 def test_bad_inputs_name_the_expected_shape_or_range(loaded, signature, kwargs, message):
     with pytest.raises(tf.errors.InvalidArgumentError, match=message):
@@ -155,6 +163,7 @@ def test_export_cli_and_sample_tool(model, tmp_path):
                              "--num=9", "--label=2", f"--out={out}"], cwd=ROOT, env=_env(),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "--num is deprecated; use --num_samples" in result.stderr  # the old name works
     assert tf.io.decode_png(tf.io.read_file(str(out))).shape == (18, 18, 1)
     bad = subprocess.run([sys.executable, "export/main.py", f"--model_dir={tmp_path}/nothing"],
                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)

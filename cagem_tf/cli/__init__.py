@@ -35,6 +35,15 @@ def run(main, module: str) -> None:
     app.run(main)
 
 
+def rename(old: str, new: str) -> None:
+    """Keeps a renamed flag working: --old sets --new, with a one-line deprecation notice."""
+    if flags.FLAGS[old].present:
+        if flags.FLAGS[new].present:
+            sys.exit(f"error: --{old} is the old name of --{new}; give only --{new}")
+        print(f"note: --{old} is deprecated; use --{new}", file=sys.stderr)
+        flags.FLAGS[new].value = flags.FLAGS[old].value
+
+
 def start(argv, hint: str = "") -> None:
     """Refuses positional arguments with a one-line error, keeps TensorFlow's INFO logging quiet
     unless --verbosity was given, and applies the thread flags when the program defines them

@@ -1,5 +1,5 @@
 """cagem-evaluate (train/evaluate.py): evaluate a trained run, --model_dir RUN
-[--iw_samples 1,10,5000].
+[--eval_iw_samples 1,10,5000] [--eval_subset N].
 
 Writes RUN/evaluation/results.json and results.md (IW bounds with standard errors, classifier
 errors, cluster use, active units, KL per unit), figures as PNG files in RUN/evaluation/, and
@@ -15,8 +15,14 @@ from cagem_tf import cli
 
 flags.DEFINE_string("model_dir", None, "Run directory written by the training program.")
 flags.DEFINE_string("checkpoint", None, "Checkpoint prefix; default: the latest.")
-flags.DEFINE_list("iw_samples", ["1", "10", "5000"], "Sample counts S of the bounds F_S.")
-flags.DEFINE_integer("subset", 0, "Evaluate the first N test images only (0: all).")
+flags.DEFINE_list("eval_iw_samples", ["1", "10", "5000"], "Importance samples S of the "
+                  "bounds F_S (as the training program's --eval_iw_samples, several at once).")
+flags.DEFINE_integer("eval_subset", 0, "Evaluate the first N test images only (0: all; as the "
+                     "training program's --eval_subset).")
+flags.DEFINE_list("iw_samples", None, "Deprecated name of --eval_iw_samples.")
+flags.DEFINE_integer("subset", None, "Deprecated name of --eval_subset.")
+flags.DEFINE_string("figures_dir", None, "Where the figure PNG files go; default "
+                    "RUN/evaluation.")
 flags.DEFINE_integer("batch_size", 100, "Images per IW batch (the unit of saved progress).")
 flags.DEFINE_integer("chunk_size", None, "Importance samples per chunk (memory); default 100 "
                      "for the exact estimator, 500 for the sampled one.")
@@ -34,15 +40,19 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     cli.start(argv)
+    cli.rename("iw_samples", "eval_iw_samples")
+    cli.rename("subset", "eval_subset")
     try:
-        samples = [int(s) for s in FLAGS.iw_samples]
+        samples = [int(s) for s in FLAGS.eval_iw_samples]
     except ValueError:
-        sys.exit(f"error: --iw_samples {','.join(FLAGS.iw_samples)}: give integers, e.g. 1,10,5000")
+        sys.exit(f"error: --eval_iw_samples {','.join(FLAGS.eval_iw_samples)}: give integers, "
+                 "e.g. 1,10,5000")
     from cagem_tf import report
     try:
-        report.evaluate(FLAGS.model_dir, FLAGS.checkpoint, samples, FLAGS.subset,
+        report.evaluate(FLAGS.model_dir, FLAGS.checkpoint, samples, FLAGS.eval_subset,
                         FLAGS.batch_size, FLAGS.chunk_size, FLAGS.split, FLAGS.figures,
-                        FLAGS.seed, iw_estimator=FLAGS.iw_estimator)
+                        FLAGS.seed, iw_estimator=FLAGS.iw_estimator,
+                        figures_dir=FLAGS.figures_dir)
     except cli.user_errors() as e:
         sys.exit(f"error: {e}")
 

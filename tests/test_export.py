@@ -1,5 +1,6 @@
 """SavedModel export: signatures, TensorFlow-only loading, input checks, versions, tools."""
 
+import csv
 import json
 import os
 import subprocess
@@ -192,3 +193,51 @@ def test_checkpoint_of_another_model_is_refused_in_one_line(model, tmp_path):
     with pytest.raises(rundir.RunError, match="does not hold the variables") as error:
         rundir.load_model(str(run))
     assert "\n" not in str(error.value)
+
+
+def _write_png(path, image):
+    tf.io.write_file(str(path), tf.io.encode_png(tf.constant(image, tf.uint8)))
+
+
+def test_own_images_are_converted_and_scored(model, exported, tmp_path):
+    _, path = exported
+    folder = tmp_path / "mine"
+    os.makedirs(folder)
+    rng = np.random.default_rng(0)
+    ink = (rng.random((6, 6, 1)) < 0.3).astype(np.uint8) * 255
+    _write_png(folder / "a_small_gray.png", ink)                                 # as trained
+    paper = 255 - np.repeat(np.kron(ink, np.ones((2, 2, 1), np.uint8)), 3, axis=-1)
+    _write_png(folder / "b_big_colour.png", paper)                   # 12x12 RGB, dark ink
+    (folder / "c_broken.png").write_bytes(b"not a png")
+    (folder / "notes.txt").write_text("ignored")
+    out = tmp_path / "scores.csv"
+    result = subprocess.run([sys.executable, "export/classify.py", f"--saved_model={path}",
+                             f"--images={folder}", f"--out={out}"], cwd=ROOT, env=_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipped c_broken.png: unreadable" in result.stderr
+    rows = list(csv.DictReader(open(out)))
+    assert [r["image"] for r in rows] == ["a_small_gray.png", "b_big_colour.png"]
+    assert rows[0]["note"] == ""
+    assert "grayscale" in rows[1]["note"] and "resized from 12x12" in rows[1]["note"] \
+        and "inverted" in rows[1]["note"]
+    # Same ink after conversion, so the same scores (binarization with the same seed aside).
+    p_y = [float(rows[0][f"p_y_{k}"]) for k in range(K)]
+    assert abs(sum(p_y) - 1) < 1e-4 and 0 <= int(rows[0]["class_p"]) < K
+    assert float(rows[0]["log_likelihood_200"]) < 0
+    # The run's images as an .npz, scored as JSON lines with the other signature.
+    np.savez(tmp_path / "x.npz", x_test=(_images(3) > 0.5).astype(np.uint8) * 255)
+    result = subprocess.run([sys.executable, "export/classify.py", f"--saved_model={path}",
+                             f"--images={tmp_path / 'x.npz'}", "--likelihood=log_likelihood_1000",
+                             f"--out={tmp_path / 's.jsonl'}"], cwd=ROOT, env=_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in open(tmp_path / "s.jsonl")]
+    assert len(lines) == 3 and len(lines[0]["z2"]) == 2 and "log_likelihood_1000" in lines[0]
+    os.makedirs(tmp_path / "empty")
+    for args, message in ((f"--images={tmp_path / 'empty'}", "no PNG or JPEG files"),
+                          (f"--images={tmp_path / 'nothing'}", "no such file or folder")):
+        bad = subprocess.run([sys.executable, "export/classify.py", f"--saved_model={path}",
+                              args], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                             timeout=300)
+        assert bad.returncode != 0 and message in bad.stderr.splitlines()[-1]

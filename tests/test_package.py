@@ -8,7 +8,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ("cagem-train", "cagem-evaluate", "cagem-export", "cagem-sample")
+SCRIPTS = ("cagem-train", "cagem-evaluate", "cagem-export", "cagem-sample", "cagem-classify")
 
 
 @pytest.fixture(scope="module")

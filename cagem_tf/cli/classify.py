@@ -1,0 +1,107 @@
+"""cagem-classify (export/classify.py): score your own images with an exported model,
+--saved_model DIR (or --model_dir RUN for its newest export) --images PATH --out FILE.
+
+PATH is a folder of PNG/JPEG files, an .npz file or an IDX image file; images are converted as
+the training data was (`cagem_tf.images`) and binarized once with --seed. FILE gets one row per
+image (.csv, or JSON lines for .jsonl): the predicted class p(y|x) and cluster q(y|x), both
+distributions, the z2 mean and the log-likelihood bound. A file that cannot be used is named in
+one line, and the other images are still scored. Needs TensorFlow alone.
+"""
+
+import csv
+import json
+import os
+import re
+import sys
+
+from absl import flags
+
+from cagem_tf import cli
+
+flags.DEFINE_string("saved_model", None, "A SavedModel version directory (e.g. RUN/export/3).")
+flags.DEFINE_string("model_dir", None, "A run directory: its newest export is used.")
+flags.DEFINE_string("images", None, "A folder of PNG/JPEG files, an .npz or an IDX file.")
+flags.DEFINE_string("out", "scores.csv", "Output file: .csv, or .jsonl for JSON lines.")
+flags.DEFINE_string("likelihood", None, "The likelihood signature (e.g. log_likelihood_1000); "
+                    "default: the exact one with the fewest samples.")
+flags.DEFINE_bool("binarize", True, "Binarize the images once, x ~ Bernoulli(intensity), as "
+                  "the test images are; --nobinarize scores the intensities themselves.")
+flags.DEFINE_integer("seed", 0, "Seed of the binarization.")
+flags.DEFINE_integer("batch_size", 100, "Images per call.")
+flags.mark_flag_as_required("images")
+FLAGS = flags.FLAGS
+
+
+def _saved_model_path():
+    if bool(FLAGS.saved_model) == bool(FLAGS.model_dir):
+        sys.exit("error: give --saved_model DIR or --model_dir RUN (one of them)")
+    if FLAGS.saved_model:
+        return FLAGS.saved_model
+    export = os.path.join(FLAGS.model_dir, "export")
+    versions = [int(v) for v in os.listdir(export) if re.fullmatch(r"\d+", v)] \
+        if os.path.isdir(export) else []
+    if not versions:
+        sys.exit(f"error: {FLAGS.model_dir} has no export yet; train an epoch or run cagem-export")
+    return os.path.join(export, str(max(versions)))
+
+
+def main(argv):
+    cli.start(argv)
+    import numpy as np
+    import tensorflow as tf
+    from cagem_tf import images
+    path = _saved_model_path()
+    try:
+        model = tf.saved_model.load(path)
+    except OSError as e:
+        sys.exit(f"error: --saved_model {path}: {str(e).splitlines()[0]}")
+    likelihoods = sorted((s for s in model.signatures if re.fullmatch(r"log_likelihood_\d+", s)),
+                         key=lambda s: int(s.rsplit("_", 1)[1]))
+    name = FLAGS.likelihood or (likelihoods[0] if likelihoods else None)
+    if name not in model.signatures:
+        sys.exit(f"error: --likelihood {name}: the model has {', '.join(likelihoods)}")
+    shape = model.signatures["classify"].structured_input_signature[1]["x"].shape[1:]
+    try:
+        loaded = images.load(FLAGS.images, shape)
+    except images.ImageError as e:
+        sys.exit(f"error: {e}")
+    for file, problem in loaded.errors.items():
+        print(f"skipped {file}: {problem}", file=sys.stderr)
+    x = images.binarize(loaded.x, FLAGS.seed) if FLAGS.binarize else loaded.x
+    rows = []
+    for start in range(0, len(x), FLAGS.batch_size):
+        xb = tf.constant(x[start:start + FLAGS.batch_size])
+        classes = model.signatures["classify"](x=xb)
+        z2 = model.signatures["encode"](x=xb)["z2"].numpy()
+        bound = model.signatures[name](x=xb)["log_likelihood"].numpy()
+        for i in range(len(xb)):
+            p_y, q_y = classes["p_y"][i].numpy(), classes["q_y"][i].numpy()
+            image = loaded.names[start + i]
+            rows.append({"image": image, "class_p": int(np.argmax(p_y)),
+                         "cluster_q": int(np.argmax(q_y)), "p_y": p_y.round(6).tolist(),
+                         "q_y": q_y.round(6).tolist(), "z2": z2[i].round(6).tolist(),
+                         name: float(bound[i]), "note": loaded.notes.get(image, "")})
+    tmp = f"{FLAGS.out}.tmp{os.getpid()}"
+    with open(tmp, "w", newline="") as f:
+        if FLAGS.out.endswith(".jsonl"):
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        else:
+            writer = csv.writer(f)
+            k, d = len(rows[0]["p_y"]), len(rows[0]["z2"])
+            writer.writerow(["image", "class_p", "cluster_q"] + [f"p_y_{c}" for c in range(k)]
+                            + [f"q_y_{c}" for c in range(k)] + [f"z2_{j}" for j in range(d)]
+                            + [name, "note"])
+            for row in rows:
+                writer.writerow([row["image"], row["class_p"], row["cluster_q"], *row["p_y"],
+                                 *row["q_y"], *row["z2"], f"{row[name]:.4f}", row["note"]])
+    os.replace(tmp, FLAGS.out)
+    print(f"wrote {len(rows)} rows to {FLAGS.out}"
+          + (f"; skipped {len(loaded.errors)} files" if loaded.errors else ""))
+
+
+def run():
+    cli.run(main, __name__)
+
+
+if __name__ == "__main__":
+    run()

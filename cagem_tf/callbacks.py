@@ -2,6 +2,9 @@
 TensorBoard summaries that Keras' own TensorBoard callback does not write."""
 
 import math
+import os
+import signal
+import threading
 import time
 
 import keras
@@ -67,6 +70,43 @@ def step_decay(learning_rate: float, decay: float, decay_epochs: int):
     return schedule
 
 
+class GracefulStop(keras.callbacks.Callback):
+    """SIGTERM or Ctrl-C (SIGINT) during `fit` stop training after the current step: the
+    interrupted epoch is neither checkpointed, evaluated nor exported, so the run keeps the
+    last finished epoch's checkpoint and resumes from it. A second Ctrl-C interrupts at once.
+    (Signal handlers can only be set from the main thread; elsewhere nothing changes.)"""
+
+    SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
+
+    def __init__(self):
+        super().__init__()
+        self.signal_name = None
+        self.previous = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def _handle(self, signum, frame):
+        self.signal_name = self.SIGNALS[signum]
+        self.model.stop_training = True
+        signal.signal(signum, self.previous.get(signum, signal.SIG_DFL))
+
+    def on_train_begin(self, logs=None):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def on_train_end(self, logs=None):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+
+def _stopping(callback) -> bool:
+    stopper = getattr(callback, "stopper", None)
+    return bool(stopper and stopper.requested)
+
+
 class EpochCheckpoint(keras.callbacks.Callback):
     """A tf.train checkpoint of the model, the optimizer (whose step count seeds the training
     noise, see `CaGeM.train_step`) and the epoch count at the end of every epoch whose loss is
@@ -74,37 +114,85 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
     TensorFlow writes the checkpoint files before it updates the index, so a process killed at
     any moment leaves the previous checkpoint intact. An epoch with a NaN or inf loss is never
-    saved: `bad_epoch` records it and the last good checkpoint stays the latest.
+    saved: `bad_epoch` records it and the last good checkpoint stays the latest. An epoch cut
+    short by a signal (`stopper`) is not saved either. A checkpoint that cannot be written (a
+    full disk) stops training with `write_error` set; its partial files are removed.
+    `restore` falls back from a damaged checkpoint to the newest one that restores completely.
     """
 
-    def __init__(self, directory: str, model, keep: int = 3):
+    def __init__(self, directory: str, model, keep: int = 3, log=print):
         super().__init__()
+        self.directory, self.log = directory, log
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         model.optimizer.build(model.trainable_variables)
         self.checkpoint = model.checkpoint(optimizer=model.optimizer, epoch=self.epoch)
+        self.keep = keep
         self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=keep)
-        self.bad_epoch = None
+        self.bad_epoch = self.write_error = self.stopper = None
+
+    def _set_aside(self, path: str, reason: str) -> None:
+        """Moves the files of checkpoint `path` into checkpoints/damaged/ (never deletes)."""
+        damaged = os.path.join(self.directory, "damaged")
+        os.makedirs(damaged, exist_ok=True)
+        for name in tf.io.gfile.glob(path + ".*"):
+            os.replace(name, os.path.join(damaged, os.path.basename(name)))
+        self.log(f"checkpoint {os.path.basename(path)} is damaged ({reason}); moved to "
+                 f"{damaged}, trying the one before")
 
     def restore(self, path: str | None = None) -> int:
-        """Restores `path` (default: the latest checkpoint); returns the epochs done (0: none)."""
-        path = path or self.manager.latest_checkpoint
-        if path:
+        """Restores `path` (default: the newest checkpoint that restores completely); returns
+        the epochs done (0: none)."""
+        candidates = [path] if path else list(reversed(self.manager.checkpoints))
+        for candidate in candidates:
             try:
-                self.checkpoint.restore(path).assert_existing_objects_matched()
-            except (AssertionError, ValueError, tf.errors.OpError) as e:
-                raise rundir.RunError(f"{path} does not match this run's model and optimizer "
-                                      f"({type(e).__name__}); add --fresh to start over (the "
-                                      "old run is kept)") from None
-        return int(self.epoch.numpy())
+                self.checkpoint.restore(candidate).assert_existing_objects_matched()
+            except (AssertionError, ValueError) as e:
+                raise rundir.RunError(f"{candidate} does not match this run's model and "
+                                      f"optimizer ({type(e).__name__}); add --fresh to start "
+                                      "over (the old run is kept)") from None
+            except (IndexError, tf.errors.OpError) as e:
+                if path:
+                    raise rundir.RunError(f"{candidate} is damaged ({type(e).__name__}: "
+                                          f"{str(e).splitlines()[0][:120]})") from None
+                self._set_aside(candidate, f"{type(e).__name__}: "
+                                           f"{str(e).splitlines()[0][:120]}")
+                continue
+            if candidate != self.manager.latest_checkpoint:
+                remaining = [c for c in self.manager.checkpoints
+                             if tf.io.gfile.glob(c + ".index")]
+                tf.compat.v1.train.update_checkpoint_state(
+                    self.directory, candidate, all_model_checkpoint_paths=remaining)
+                self.manager = tf.train.CheckpointManager(self.checkpoint, self.directory,
+                                                          max_to_keep=self.keep)
+            return int(self.epoch.numpy())
+        if candidates:
+            raise rundir.RunError(f"no checkpoint in {self.directory} restores (the damaged "
+                                  f"ones are in {os.path.join(self.directory, 'damaged')}); "
+                                  "add --fresh to start over (the old run is kept)")
+        return 0
 
     def on_epoch_end(self, epoch, logs=None):
+        if _stopping(self):
+            return
         loss = (logs or {}).get("loss")
         if loss is None or not math.isfinite(float(loss)):
             self.bad_epoch = epoch
             self.model.stop_training = True
             return
         self.epoch.assign(epoch + 1)
-        self.manager.save(checkpoint_number=epoch + 1)
+        try:
+            self.manager.save(checkpoint_number=epoch + 1)
+        except (OSError, tf.errors.OpError) as e:
+            prefix = os.path.join(self.directory, f"ckpt-{epoch + 1}")
+            for name in tf.io.gfile.glob(prefix + ".*") + tf.io.gfile.glob(prefix + "_temp*"):
+                tf.io.gfile.rmtree(name) if tf.io.gfile.isdir(name) else tf.io.gfile.remove(name)
+            self.epoch.assign(epoch)
+            reason = os.strerror(e.errno) if getattr(e, "errno", None) else \
+                str(e).splitlines()[0][:120]
+            self.write_error = (f"could not write checkpoint {prefix} ({reason}); the last "
+                                f"checkpoint ({self.manager.latest_checkpoint or 'none yet'}) is "
+                                "intact: free space and rerun the same command to resume")
+            self.model.stop_training = True
 
 
 class PeriodicExport(keras.callbacks.Callback):
@@ -120,7 +208,10 @@ class PeriodicExport(keras.callbacks.Callback):
         self.checkpoint, self.log = checkpoint, log
 
     def on_epoch_end(self, epoch, logs=None):
-        if ((epoch + 1) % self.every == 0 or epoch == 0) and self.checkpoint.bad_epoch is None:
+        if _stopping(self) or self.checkpoint.bad_epoch is not None or \
+                self.checkpoint.write_error:
+            return
+        if (epoch + 1) % self.every == 0 or epoch == 0:
             path = serving.export(self.model, self.export_dir, self.keep, self.iw_samples)
             self.log(f"exported {path}")
 
@@ -174,6 +265,8 @@ class Summaries(keras.callbacks.Callback):
         self.epoch_started = time.time()
 
     def on_epoch_end(self, epoch, logs=None):
+        if _stopping(self):
+            return
         step, logs = epoch + 1, logs or {}
         seconds = time.time() - self.epoch_started
         self.epochs_timed += 1

@@ -8,7 +8,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from cagem_tf import clustering
+from cagem_tf import clustering, rundir
 
 tfd = tfp.distributions
 
@@ -75,9 +75,7 @@ def periodic_metrics(model, x, y, iw_samples: int, seed: int = 0, batch_size: in
 
 
 def _save_atomic(path: str, array) -> None:
-    tmp = f"{path}.tmp{os.getpid()}.npy"
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    rundir.write_file(path, lambda f: np.save(f, array), mode="wb")
 
 
 def iw_bounds(model, x, num_samples: int, directory: str, seed: int = 0, batch_size: int = 100,

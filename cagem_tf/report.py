@@ -29,6 +29,15 @@ def evaluate(model_dir, checkpoint=None, iw_samples=(1, 10, 5000), subset=0, bat
     run = rundir.RunDir(model_dir)
     config, x, y, num_classes = rundir.evaluation_images(model_dir, subset, split, log)
     model = rundir.load_model(model_dir, checkpoint)
+    with rundir.Lock(model_dir, "evaluation"):
+        return _evaluate(run, config, model, x, y, num_classes, checkpoint, iw_samples,
+                         batch_size, chunk_size, split, figures_too, seed, progress, log,
+                         iw_estimator, figures_dir)
+
+
+def _evaluate(run, config, model, x, y, num_classes, checkpoint, iw_samples, batch_size,
+              chunk_size, split, figures_too, seed, progress, log, iw_estimator, figures_dir):
+    """`evaluate` under the run's lock."""
     n = len(x)
     os.makedirs(run.evaluation, exist_ok=True)
 
@@ -49,10 +58,8 @@ def evaluate(model_dir, checkpoint=None, iw_samples=(1, 10, 5000), subset=0, bat
     latent = evaluation.latent_summary(model, x, seed)
     results.update({k: v for k, v in latent.items() if not k.endswith("_means")})
     rundir.write_json(os.path.join(run.evaluation, "results.json"), results)
-    tmp = os.path.join(run.evaluation, f"results.md.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(markdown(results))
-    os.replace(tmp, os.path.join(run.evaluation, "results.md"))
+    rundir.write_file(os.path.join(run.evaluation, "results.md"),
+                      lambda f: f.write(markdown(results)))
     if figures_too:
         write_figures(model, x, y, latent, clusters, run, seed, figures_dir)
     log(markdown(results))

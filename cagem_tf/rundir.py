@@ -12,8 +12,11 @@ reading back of a finished run (its model, its scored images).
   evaluation/             results.json, results.md, figures; partial/ per-image IW bounds
 """
 
+import errno
+import fcntl
 import json
 import os
+import socket
 import time
 
 import tensorflow as tf
@@ -32,12 +35,75 @@ class RunError(ValueError):
 
 
 def write_json(path: str, value) -> None:
-    """Writes JSON to a temporary file and renames it into place: never half-written."""
+    """`write_file` of the JSON text of `value`."""
+    write_file(path, lambda f: (json.dump(value, f, indent=2, sort_keys=True), f.write("\n")))
+
+
+def write_file(path: str, write, mode: str = "w") -> None:
+    """write(f) into a temporary file, renamed into place: never half-written. A write that
+    fails (a full disk, a read-only directory) leaves the old file as it was and raises
+    RunError naming the file."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove_quietly(tmp)
+        raise RunError(f"could not write {path} ({os.strerror(e.errno) if e.errno else e}); "
+                       "what was there before is unchanged: free space or fix the permissions "
+                       "and rerun") from None
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+class Lock:
+    """The run directory's lock, held by the one process that writes into it (training, an
+    evaluation or an export); read-only use needs none.
+
+    An exclusive flock on RUN/.lock, which also names the holder (PID, host, since when). The
+    kernel drops the flock when its process dies however it dies, so a lock left by a killed
+    process is simply taken over. Use as a context manager.
+    """
+
+    FILE = ".lock"
+
+    def __init__(self, model_dir: str, purpose: str):
+        self.path = os.path.join(model_dir, self.FILE)
+        self.purpose = purpose
+        self.fd = None
+
+    def __enter__(self):
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunError(f"{os.path.dirname(self.path)} is in use by {holder}; wait for it "
+                           "to finish or stop it (a killed process leaves no lock behind)") \
+                from None
+        os.ftruncate(fd, 0)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        os.write(fd, f"PID {os.getpid()} on {socket.gethostname()} ({self.purpose}) since "
+                     f"{stamp}\n".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
 
 
 def read_json(path: str):
@@ -100,19 +166,29 @@ class RunDir:
             raise RunError(str(e)) from None
 
 
+def _holds_anything(model_dir: str) -> bool:
+    return os.path.isdir(model_dir) and bool(set(os.listdir(model_dir)) - {Lock.FILE})
+
+
+def set_aside(model_dir: str, log=print) -> None:
+    """Moves an existing run to `<model_dir>.<UTC time>` (what --fresh does): nothing is
+    deleted. Refused while another process holds the run's lock."""
+    if not _holds_anything(model_dir):
+        return
+    with Lock(model_dir, "moving the run aside"):
+        aside = f"{model_dir.rstrip(os.sep)}.{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+        os.rename(model_dir, aside)
+    log(f"--fresh: the earlier run in {model_dir} is kept as {aside}")
+
+
 def prepare(config: Config, log=print) -> bool:
     """Makes config.model_dir ready for `config`; returns True when it resumes an earlier run.
 
     A directory holding a run with other settings (except those in `MAY_CHANGE`) is refused
-    with the differing flags named. `config.fresh` moves an existing run aside to
-    `<model_dir>.<UTC time>` and starts in an empty directory: nothing is deleted.
+    with the differing flags named. (`set_aside` is --fresh.)
     """
     run = RunDir(config.model_dir)
     model_dir = run.path
-    if config.fresh and os.path.isdir(model_dir) and os.listdir(model_dir):
-        aside = f"{model_dir.rstrip(os.sep)}.{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
-        os.rename(model_dir, aside)
-        log(f"--fresh: the earlier run in {model_dir} is kept as {aside}")
     now = config.to_dict()
     if os.path.isfile(run.config):
         saved = run.read_config().to_dict()
@@ -124,7 +200,7 @@ def prepare(config: Config, log=print) -> bool:
                            "(the old run is kept)")
         write_json(run.config, {**saved, **{k: now[k] for k in MAY_CHANGE}})
         return True
-    if os.path.isdir(model_dir) and os.listdir(model_dir):
+    if _holds_anything(model_dir):
         raise RunError(f"--model_dir {model_dir} is not empty and holds no {CONFIG}: choose a "
                        "new directory")
     os.makedirs(model_dir, exist_ok=True)

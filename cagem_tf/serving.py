@@ -148,7 +148,13 @@ def export(model, export_dir: str, keep: int = 0, iw_samples=IW_SAMPLES) -> str:
         raise ExportError(f"iw_samples {list(iw_samples)}: give one or more positive counts")
     for name, fn, signature in _endpoints(model, tuple(int(s) for s in iw_samples)):
         archive.add_endpoint(name, fn, input_signature=signature)
-    archive.write_out(tmp, verbose=False)
+    try:
+        archive.write_out(tmp, verbose=False)
+    except (OSError, tf.errors.OpError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = os.strerror(e.errno) if getattr(e, "errno", None) else str(e).splitlines()[0]
+        raise ExportError(f"could not write the export {final} ({reason}); the earlier "
+                          "versions are intact: free space and export again") from None
     try:
         os.rename(tmp, final)
     except OSError as e:

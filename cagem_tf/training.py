@@ -141,6 +141,14 @@ def train(config: Config, log=print) -> dict:
     data.labelled_indices(arrays.y_train, config.labels, arrays.num_classes, config.seed)
     strategy = make_strategy(config.strategy)
 
+    if config.fresh:
+        rundir.set_aside(config.model_dir, log)
+    with rundir.Lock(config.model_dir, "training"):
+        return _train(config, arrays, clusters, strategy, log)
+
+
+def _train(config: Config, arrays, clusters: int, strategy, log) -> dict:
+    """The part of `train` that writes into the run directory, under its lock."""
     run = rundir.RunDir(config.model_dir)
     resuming = rundir.prepare(config, log=log)
     labelled = _labelled_subset(arrays, config, run, resuming)
@@ -155,7 +163,7 @@ def train(config: Config, log=print) -> dict:
         model = build_model(config, arrays.image_shape, clusters, alpha,
                             synchronized_bn=strategy.num_replicas_in_sync > 1)
         checkpoint = callbacks.EpochCheckpoint(run.checkpoints, model,
-                                               keep=config.keep_checkpoints)
+                                               keep=config.keep_checkpoints, log=log)
         initial_epoch = checkpoint.restore()
     rundir.write_json(run.model, {k: v for k, v in model.get_config().items()
                                   if k != "synchronized_bn"})
@@ -168,11 +176,20 @@ def train(config: Config, log=print) -> dict:
     for line in plan(config, arrays, streams, model, initial_epoch):
         log(line)
     verbose = config.verbose if config.verbose >= 0 else (1 if sys.stdout.isatty() else 2)
+    stop = callbacks.GracefulStop()
+    checkpoint.stopper = stop
+    fit_callbacks = [stop] + _callbacks(config, run, checkpoint, arrays, log)
+    for callback in fit_callbacks:
+        callback.stopper = stop
     history = model.fit(streams.train, epochs=config.epochs, initial_epoch=initial_epoch,
-                        callbacks=_callbacks(config, run, checkpoint, arrays, log),
-                        verbose=verbose)
+                        callbacks=fit_callbacks, verbose=verbose)
+    kept = checkpoint.manager.latest_checkpoint or "none yet"
+    if checkpoint.write_error:
+        raise TrainingError(checkpoint.write_error)
+    if stop.signal_name:
+        raise TrainingError(f"stopped by {stop.signal_name}; the last finished epoch's "
+                            f"checkpoint is kept ({kept}): rerun the same command to resume")
     if checkpoint.bad_epoch is not None:
-        kept = checkpoint.manager.latest_checkpoint or "none yet"
         raise TrainingError(f"the loss became NaN or inf in epoch {checkpoint.bad_epoch + 1}; "
                             f"training stopped and the last good checkpoint is kept ({kept}); "
                             "rerun to resume from it, or add --fresh with a lower "

@@ -27,8 +27,12 @@ def main(argv):
                  "positive integers, e.g. 1000,5000")
     try:
         model = rundir.load_model(FLAGS.model_dir, FLAGS.checkpoint)
-        path = serving.export(model, FLAGS.export_dir or rundir.RunDir(FLAGS.model_dir).export,
-                              iw_samples=samples)
+        if FLAGS.export_dir:
+            path = serving.export(model, FLAGS.export_dir, iw_samples=samples)
+        else:
+            with rundir.Lock(FLAGS.model_dir, "export"):
+                path = serving.export(model, rundir.RunDir(FLAGS.model_dir).export,
+                                      iw_samples=samples)
     except cli.user_errors() as e:
         sys.exit(f"error: {e}")
     print(f"exported {path}")

@@ -198,7 +198,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
 class PeriodicExport(keras.callbacks.Callback):
     """A SavedModel after the first epoch and then every `every` epochs, after the epoch's
     checkpoint, and never for an epoch that `checkpoint` refused (a NaN or inf loss); keeps the
-    newest `keep` versions (0: all)."""
+    newest `keep` versions (0: all). Exports compute in float32 whatever the training
+    precision."""
 
     def __init__(self, export_dir: str, every: int, checkpoint: EpochCheckpoint, keep: int = 0,
                  iw_samples=serving.IW_SAMPLES, log=print):
@@ -212,7 +213,8 @@ class PeriodicExport(keras.callbacks.Callback):
                 self.checkpoint.write_error:
             return
         if (epoch + 1) % self.every == 0 or epoch == 0:
-            path = serving.export(self.model, self.export_dir, self.keep, self.iw_samples)
+            path = serving.export(self.model.float32_twin(), self.export_dir, self.keep,
+                                  self.iw_samples)
             self.log(f"exported {path}")
 
 
@@ -295,7 +297,7 @@ class Summaries(keras.callbacks.Callback):
             self.writer.flush()
 
     def evaluate(self, step):
-        model = self.model
+        model = self.model.float32_twin()
         metrics = evaluation.periodic_metrics(model, self.x_eval, self.y_eval, self.iw_samples,
                                               seed=self.seed)
         shown = {k: v for k, v in metrics.items() if np.isscalar(v)

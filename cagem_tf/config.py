@@ -8,6 +8,7 @@ import dataclasses
 import typing
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+PRECISIONS = ("float32", "mixed_bfloat16")
 # Fields that may differ when a run is resumed: they do not change what is being trained.
 MAY_CHANGE = ("epochs", "eval_every", "eval_iw_samples", "eval_subset", "export_every",
               "export_iw_samples",
@@ -59,6 +60,11 @@ class Config:
     hidden_upper: list[int] = _field([512, 512], "Hidden widths of q(z2|x,y,z1), p(z1|y,z2), "
                                      "p(y|z2); one value w means [w, w].")
     skip_connection: bool = _field(True, "Give q(z2|x,y,z1) the input x.")
+    precision: str = _field("float32", "Training precision: mixed_bfloat16 runs the networks' "
+                            "matmuls and activations in bfloat16 (variables, batch-norm "
+                            "statistics, densities, the loss and the optimizer stay float32); "
+                            "evaluations and exports are float32 either way.",
+                            choices=PRECISIONS)
     num_samples: int = _field(1, "Samples of z1 (and z2 per y) in the training ELBO.")
     seed: int = _field(0, "Seed of the labelled subset, the data order and the model's "
                        "sampling.")

@@ -19,6 +19,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from cagem_tf import objective
+from cagem_tf.config import PRECISIONS
 from cagem_tf.networks import BernoulliNet, CategoricalNet, GaussianNet
 
 tfd = tfp.distributions
@@ -56,6 +57,10 @@ class CaGeM(keras.Model):
       y_init_stddev: > 0 draws the first-layer weights of the one-hot y in q(z2|x,y,z1),
         p(z1|y,z2) and p(x|y,z1) from N(0, y_init_stddev^2), so that the K branches differ
         from the start; 0 keeps Keras' Glorot initialisation (the paper leaves it open).
+      precision: "float32", or "mixed_bfloat16": the networks' matmuls and activations in
+        bfloat16 (Keras' mixed policy), variables, batch-norm statistics, log-densities, KL
+        terms, logsumexp and the loss in float32. `float32_twin()` gives the same model
+        computing in float32, for evaluations and exports.
       shared_noise: draw z2^y = mu_y + sigma_y * eps with one eps for every y (common random
         numbers): the per-branch terms then differ by the branches, not by their noise. Each
         z2^y still follows q(z2|x,y,z1), so the ELBO and the IW bound are unchanged in
@@ -67,7 +72,7 @@ class CaGeM(keras.Model):
                  hidden_upper=(512, 512), skip_connection: bool = True, num_samples: int = 1,
                  classifier_samples: int = 10, seed: int | None = None,
                  synchronized_bn: bool = False, y_init_stddev: float = 0.0,
-                 shared_noise: bool = False, **kwargs):
+                 shared_noise: bool = False, precision: str = "float32", **kwargs):
         super().__init__(**kwargs)
         self.image_shape = tuple(int(d) for d in image_shape)
         self.data_dim = int(np.prod(self.image_shape))
@@ -83,8 +88,13 @@ class CaGeM(keras.Model):
         self.synchronized_bn = bool(synchronized_bn)
         self.y_init_stddev = float(y_init_stddev)
         self.shared_noise = bool(shared_noise)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+        self.precision = precision
+        object.__setattr__(self, "_twin", None)
         K, lower, upper = self.num_clusters, self.hidden_lower, self.hidden_upper
-        sync = {"synchronized_bn": self.synchronized_bn}
+        sync = {"synchronized_bn": self.synchronized_bn,
+                "dtype": keras.DTypePolicy(precision)}
         y_first = {**sync, "first_input_stddev": self.y_init_stddev}
 
         # Inference model q(y,z1,z2|x); the comments give each network's inputs in order.
@@ -334,6 +344,19 @@ class CaGeM(keras.Model):
         """The ELBO per example [B]."""
         return self.elbo(x, training=training)["elbo"]
 
+    def float32_twin(self) -> "CaGeM":
+        """This model computing in float32, holding a copy of the current weights (itself when
+        it computes in float32 already): what evaluations and exports use."""
+        if self.precision == "float32":
+            return self
+        if self._twin is None:
+            config = {**self.get_config(), "precision": "float32", "synchronized_bn": False}
+            # Not a tracked sublayer: its variables are no part of this model's.
+            object.__setattr__(self, "_twin", CaGeM(**config))
+        for mine, theirs in zip(self._twin.weights, self.weights):
+            mine.assign(theirs)
+        return self._twin
+
     def checkpoint(self, **others) -> tf.train.Checkpoint:
         """A tf.train.Checkpoint of every variable of the model (and of `others`).
 
@@ -446,4 +469,5 @@ class CaGeM(keras.Model):
                 "num_samples": self.num_samples, "classifier_samples": self.classifier_samples,
                 "seed": self.seed, "synchronized_bn": self.synchronized_bn,
                 "y_init_stddev": self.y_init_stddev, "shared_noise": self.shared_noise,
+                "precision": self.precision,
                 "name": self.name}

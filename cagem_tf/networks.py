@@ -87,19 +87,24 @@ class Conditional(keras.Model):
         # CaGeM uses it for the one-hot y, whose Glorot rows are small beside x's projection.
         first = (keras.initializers.RandomNormal(stddev=first_input_stddev)
                  if first_input_stddev > 0 else "glorot_uniform")
+        # Under a mixed policy (`dtype`) the layers compute in bfloat16 and keep float32
+        # variables; the heads' outputs are cast to float32 (see `call`).
+        policy = self.dtype_policy
         self.projections = [keras.layers.Dense(hidden[0], use_bias=False, name=f"input_{i}",
                                                kernel_initializer=first if i == 0
-                                               else "glorot_uniform")
+                                               else "glorot_uniform", dtype=policy)
                             for i in range(num_inputs)]
-        self.hidden_layers = [keras.layers.Dense(w, use_bias=False, name=f"hidden_{i + 1}")
+        self.hidden_layers = [keras.layers.Dense(w, use_bias=False, name=f"hidden_{i + 1}",
+                                                 dtype=policy)
                               for i, w in enumerate(hidden[1:])]
         # synchronized: moments over the global batch when replicas split it.
-        self.norms = [BatchNorm(momentum=bn_momentum, synchronized=synchronized_bn, name=f"bn_{i}")
+        self.norms = [BatchNorm(momentum=bn_momentum, synchronized=synchronized_bn, name=f"bn_{i}",
+                                dtype=policy)
                       for i in range(len(hidden))]
         # Scale heads start at zero (sigma = 1 everywhere): batch-normalised sparse ReLU features
         # can otherwise give log sigma of +-10 at initialisation, and KL terms of 1e8.
         self.heads = [keras.layers.Dense(units, name=name, kernel_initializer=(
-            "zeros" if name == "log_scale" else "glorot_uniform"))
+            "zeros" if name == "log_scale" else "glorot_uniform"), dtype=policy)
             for name, units in head_units.items()]
 
     def project(self, inputs, projected=None):
@@ -126,7 +131,8 @@ class Conditional(keras.Model):
         h = tf.nn.relu(self.norms[0](h, training=training, collect=collect))
         for dense, norm in zip(self.hidden_layers, self.norms[1:]):
             h = tf.nn.relu(norm(dense(h), training=training, collect=collect))
-        outputs = tuple(head(h) for head in self.heads)
+        # Densities, KL terms and the loss are computed in float32 whatever the policy.
+        outputs = tuple(tf.cast(head(h), tf.float32) for head in self.heads)
         return outputs if len(outputs) > 1 else outputs[0]
 
 

@@ -208,8 +208,9 @@ def prepare(config: Config, log=print) -> bool:
     return False
 
 
-def load_model(model_dir: str, checkpoint: str | None = None):
-    """The model of a run directory with the weights of `checkpoint` (default: the latest)."""
+def load_model(model_dir: str, checkpoint: str | None = None, precision: str = "float32"):
+    """The model of a run directory with the weights of `checkpoint` (default: the latest),
+    computing in `precision` (float32 by default, whatever the run trained in)."""
     run = RunDir(model_dir)
     if not os.path.isfile(run.model):
         raise RunError(f"{model_dir}: no {MODEL}; is it a run directory of the training "
@@ -218,7 +219,7 @@ def load_model(model_dir: str, checkpoint: str | None = None):
     if not checkpoint or not tf.io.gfile.glob(checkpoint + ".index"):
         raise RunError(f"{model_dir}: checkpoint {checkpoint or '(none yet)'} not found; "
                        "train at least one epoch or pass an existing --checkpoint")
-    model = CaGeM(**read_json(run.model))
+    model = CaGeM(**{**read_json(run.model), "precision": precision})
     try:
         model.checkpoint().restore(checkpoint).expect_partial() \
             .assert_existing_objects_matched()

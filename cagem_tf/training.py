@@ -49,7 +49,7 @@ def build_model(config: Config, image_shape, num_clusters: int, alpha: float,
                   hidden_upper=config.hidden_upper, skip_connection=config.skip_connection,
                   num_samples=config.num_samples, seed=config.seed,
                   synchronized_bn=synchronized_bn, y_init_stddev=config.y_init_stddev,
-                  shared_noise=config.shared_noise)
+                  shared_noise=config.shared_noise, precision=config.precision)
     clip = {"global_clipnorm": config.clip_norm} if config.clip_norm > 0 else {}
     model.compile(keras.optimizers.Adam(config.learning_rate, **clip), alpha=alpha,
                   cluster_usage=config.cluster_usage > 0,
@@ -196,6 +196,7 @@ def _train(config: Config, arrays, clusters: int, strategy, log) -> dict:
                             "--learning_rate to start over")
     every = config.export_every
     if initial_epoch < config.epochs and not (every and config.epochs % every == 0):
-        path = serving.export(model, run.export, config.keep_exports, config.export_iw_samples)
+        path = serving.export(model.float32_twin(), run.export, config.keep_exports,
+                              config.export_iw_samples)
         log(f"exported {path}")
     return {k: v[-1] for k, v in history.history.items()} if history.history else {}

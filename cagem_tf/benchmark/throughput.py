@@ -31,7 +31,7 @@ SETTINGS = {"suite": "full", "only": [], "dataset": None, "manual_dir": None, "d
 PAPER = {"lower": 1024, "upper": 512}
 SMALL = {"lower": 500, "upper": 256}
 TRAIN = {"clusters": 10, "batch": 100, "labels": 100, "intra": 0, "inter": 0, "xla": False,
-         "tiled": False}
+         "tiled": False, "precision": "float32"}
 IW = {"clusters": 10, "estimator": "exact", "samples": 5000, "chunk": None, "images": None,
       "xla": False, "intra": 0, "inter": 0}
 TEST_IMAGES = 10000
@@ -42,6 +42,7 @@ def suite():
     if SETTINGS["suite"] == "quick":
         tiny = {"lower": 64, "upper": 32}
         return [("pipeline", {}), ("matmul", {}), ("train", {**tiny}),
+                ("train", {**tiny, "precision": "mixed_bfloat16"}),
                 ("train", {**tiny, "tiled": True}), ("versus", {**tiny}),
                 ("iw", {**tiny, "samples": 200}),
                 ("iw", {**tiny, "samples": 200, "estimator": "sampled"})]
@@ -53,6 +54,7 @@ def suite():
     rows += [("train", {**PAPER, "batch": b}) for b in (50, 200, 500)]
     rows += [("train", {**PAPER, "intra": i, "inter": j}) for i, j in ((1, 1), (2, 1), (1, 2))]
     rows += [("train", {**PAPER, "xla": True})]
+    rows += [("train", {**size, "precision": "mixed_bfloat16"}) for size in (PAPER, SMALL)]
     rows += [("versus", size) for size in (PAPER, SMALL)]
     rows += [("versus", {**PAPER, "intra": 1, "inter": 2})]
     for size in (PAPER, SMALL):
@@ -120,15 +122,15 @@ def _time(fn, repeats, warm_up=True):
     return float(np.median(times))
 
 
-def matmul_seconds(matmuls, repeats=7):
+def matmul_seconds(matmuls, repeats=7, dtype="float32"):
     """Seconds for exactly the given matmuls (forward, kernel and input gradients) in one
-    tf.function, on random inputs of their shapes."""
+    tf.function, on random inputs of their shapes, in `dtype`."""
     import tensorflow as tf
     rng = tf.random.Generator.from_seed(0)
     products = []
     for m in matmuls:
-        a, w = rng.normal([m.rows, m.n_in]), rng.normal([m.n_in, m.n_out])
-        g = rng.normal([m.rows, m.n_out])
+        a, w = (tf.cast(rng.normal(s), dtype) for s in ([m.rows, m.n_in], [m.n_in, m.n_out]))
+        g = tf.cast(rng.normal([m.rows, m.n_out]), dtype)
         products.append((a, w, False, False))
         if m.grad_kernel:
             products.append((a, g, True, False))                  # a^T g  [n_in, n_out]
@@ -138,8 +140,8 @@ def matmul_seconds(matmuls, repeats=7):
     @tf.function
     def run():
         # One element of each product keeps every matmul without copying the results out.
-        return tf.add_n([tf.matmul(a, b, transpose_a=ta, transpose_b=tb)[0, 0]
-                         for a, b, ta, tb in products])
+        return tf.add_n([tf.cast(tf.matmul(a, b, transpose_a=ta, transpose_b=tb)[0, 0],
+                                 tf.float32) for a, b, ta, tb in products])
 
     return _time(lambda: run().numpy(), repeats)
 
@@ -149,7 +151,9 @@ def measure_matmul(spec):
     out = {}
     for n in (512, 1024, 2048):
         square = [Matmul("square", n, n, n, False, False)]
-        out[f"square_{n}_gflops"] = 2 * n ** 3 / matmul_seconds(square) / 1e9
+        for dtype in ("float32", "bfloat16"):
+            out[f"square_{n}_{dtype}_gflops"] = 2 * n ** 3 / matmul_seconds(square,
+                                                                            dtype=dtype) / 1e9
     return out
 
 
@@ -188,7 +192,7 @@ def _trainer(spec, tiled):
     from cagem_tf import CaGeM
     cls = TiledCaGeM if tiled else CaGeM
     model = cls(num_clusters=spec["clusters"], hidden_lower=spec["lower"],
-                hidden_upper=spec["upper"], seed=0)
+                hidden_upper=spec["upper"], seed=0, precision=spec["precision"])
     rng = np.random.default_rng(0)
     B, L, K = spec["batch"], min(100, spec["labels"]), spec["clusters"]
     batch = {"x": (rng.random((B, 28, 28, 1)) < 0.2).astype(np.float32)}
@@ -218,7 +222,8 @@ def measure_train(spec):
     B, L = spec["batch"], min(100, spec["labels"])
     matmuls = train_matmuls(model.get_config(), B, L, tiled=spec["tiled"])
     flops = 2 * total_macs(matmuls)
-    matmul_s = matmul_seconds(matmuls)
+    matmul_s = matmul_seconds(matmuls, dtype="bfloat16" if "bfloat16" in spec["precision"]
+                              else "float32")
     return {"examples_per_s": B / seconds, "epoch_s": 60000 / (B / seconds),
             "gflop_per_step": flops / 1e9, "gflops": flops / seconds / 1e9,
             "matmul_gflops": flops / matmul_s / 1e9, "fraction": matmul_s / seconds,
@@ -302,6 +307,8 @@ def _describe(table, spec):
         parts.append("XLA")
     if spec.get("tiled"):
         parts.append("**reference (tiled)**")
+    if spec.get("precision", "float32") != "float32":
+        parts.append(f"**{spec['precision']}**")
     return ", ".join(parts)
 
 
@@ -309,10 +316,12 @@ HEADERS = {
     "pipeline": ("| data pipeline | examples/s |\n|---|---|",
                  lambda s, r: f"| one epoch of MNIST-shaped batches with labelled batches | "
                               f"{r['examples_per_s']:.0f} |"),
-    "matmul": ("| square matmul n x n x n | n=512 GFLOP/s | n=1024 GFLOP/s | n=2048 GFLOP/s |\n"
-               "|---|---|---|---|",
-               lambda s, r: f"| tf.matmul, float32 | {r['square_512_gflops']:.0f} | "
-                            f"{r['square_1024_gflops']:.0f} | {r['square_2048_gflops']:.0f} |"),
+    "matmul": ("| square matmul n x n x n | float32 GFLOP/s at n=512 / 1024 / 2048 | "
+               "bfloat16 GFLOP/s at n=512 / 1024 / 2048 |\n|---|---|---|",
+               lambda s, r: "| tf.matmul | " + " / ".join(
+                   f"{r[f'square_{n}_float32_gflops']:.0f}" for n in (512, 1024, 2048))
+               + " | " + " / ".join(f"{r[f'square_{n}_bfloat16_gflops']:.0f}"
+                                     for n in (512, 1024, 2048)) + " |"),
     "train": ("| train step | examples/s | s per MNIST epoch | GFLOP per step | GFLOP/s | "
               "matmul GFLOP/s on the step's shapes | fraction of matmul rate | peak RSS (MB) |\n"
               "|---|---|---|---|---|---|---|---|",
@@ -333,12 +342,36 @@ HEADERS = {
 }
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or what platform says."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The CPU flags that decide bfloat16 speed: avx512_bf16, amx_bf16 (and amx_tile)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512f"})
+    except OSError:
+        pass
+    return []
+
+
 def run(settings, out=print):
     """Prints every table of the suite in `settings`, one row per subprocess."""
     from importlib.metadata import version
     SETTINGS.update(settings)
     rows = [(t, s) for t, s in suite() if not SETTINGS["only"] or t in SETTINGS["only"]]
-    out(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+    out(f"machine: {cpu_model()} ({', '.join(cpu_flags()) or 'no bfloat16 flags'}), "
+        f"{os.cpu_count()} cores; "
         f"TensorFlow {version('tensorflow')}; {time.strftime('%Y-%m-%d')}; suite "
         f"{SETTINGS['suite']}; train: batch {TRAIN['batch']} + {TRAIN['labels']} labelled, "
         f"median of {SETTINGS['windows']} windows of {SETTINGS['steps']} steps; "

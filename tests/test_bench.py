@@ -119,4 +119,5 @@ def test_quick_suite_prints_every_table():
                    "| per-input projections vs tiled reference", "| IW bound |"):
         assert header in out, out
     rows = [line for line in out.splitlines() if line.startswith("| 64/32, K=10")]
-    assert len(rows) == 5 and sum("reference (tiled)" in r for r in rows) == 1, out
+    assert len(rows) == 6 and sum("reference (tiled)" in r for r in rows) == 1, out
+    assert sum("mixed_bfloat16" in r for r in rows) == 1, out

@@ -102,6 +102,11 @@ class GracefulStop(keras.callbacks.Callback):
         self.previous = {}
 
 
+def _scalar(variable) -> float:
+    """A scalar variable's value, also when a tf.distribute strategy mirrors it."""
+    return float(tf.convert_to_tensor(variable))
+
+
 def _stopping(callback) -> bool:
     stopper = getattr(callback, "stopper", None)
     return bool(stopper and stopper.requested)
@@ -118,11 +123,14 @@ class EpochCheckpoint(keras.callbacks.Callback):
     short by a signal (`stopper`) is not saved either. A checkpoint that cannot be written (a
     full disk) stops training with `write_error` set; its partial files are removed.
     `restore` falls back from a damaged checkpoint to the newest one that restores completely.
+    `scratch`: a non-chief worker saves there (saving is collective) and removes it; it never
+    moves the chief's files.
     """
 
-    def __init__(self, directory: str, model, keep: int = 3, log=print):
+    def __init__(self, directory: str, model, keep: int = 3, log=print,
+                 scratch: str | None = None):
         super().__init__()
-        self.directory, self.log = directory, log
+        self.directory, self.log, self.scratch = directory, log, scratch
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         model.optimizer.build(model.trainable_variables)
         self.checkpoint = model.checkpoint(optimizer=model.optimizer, epoch=self.epoch)
@@ -151,7 +159,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
                                       f"optimizer ({type(e).__name__}); add --fresh to start "
                                       "over (the old run is kept)") from None
             except (IndexError, tf.errors.OpError) as e:
-                if path:
+                if path or self.scratch:
                     raise rundir.RunError(f"{candidate} is damaged ({type(e).__name__}: "
                                           f"{str(e).splitlines()[0][:120]})") from None
                 self._set_aside(candidate, f"{type(e).__name__}: "
@@ -181,7 +189,12 @@ class EpochCheckpoint(keras.callbacks.Callback):
             return
         self.epoch.assign(epoch + 1)
         try:
-            self.manager.save(checkpoint_number=epoch + 1)
+            if self.scratch:  # a non-chief worker's part of the collective save, then removed
+                tf.train.CheckpointManager(self.checkpoint, self.scratch, max_to_keep=1).save(
+                    checkpoint_number=epoch + 1)
+                tf.io.gfile.rmtree(self.scratch)
+            else:
+                self.manager.save(checkpoint_number=epoch + 1)
         except (OSError, tf.errors.OpError) as e:
             prefix = os.path.join(self.directory, f"ckpt-{epoch + 1}")
             for name in tf.io.gfile.glob(prefix + ".*") + tf.io.gfile.glob(prefix + "_temp*"):
@@ -281,8 +294,8 @@ class Summaries(keras.callbacks.Callback):
             for key in ("accuracy_p", "accuracy_q"):
                 if key in logs:
                     tf.summary.scalar(key.replace("accuracy", "error"), 1 - float(logs[key]))
-            tf.summary.scalar("learning_rate", float(self.model.optimizer.learning_rate))
-            tf.summary.scalar("temperature", float(self.model.temperature))
+            tf.summary.scalar("learning_rate", _scalar(self.model.optimizer.learning_rate))
+            tf.summary.scalar("temperature", _scalar(self.model.temperature))
             tf.summary.scalar("alpha", self.model.alpha)
             tf.summary.scalar("seconds_per_epoch", seconds)
             tf.summary.scalar("hours_left", hours_left)

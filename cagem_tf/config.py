@@ -13,7 +13,7 @@ PRECISIONS = ("float32", "mixed_bfloat16")
 MAY_CHANGE = ("epochs", "eval_every", "eval_iw_samples", "eval_subset", "export_every",
               "export_iw_samples",
               "keep_exports", "keep_checkpoints", "data_dir", "manual_dir", "strategy", "fresh",
-              "verbose", "model_dir")
+              "verbose", "model_dir", "collective_timeout")
 # Keys of config.json files written by earlier versions that no longer mean anything:
 # test_binarization never reached the evaluation, which always binarizes once.
 RETIRED = ("test_binarization",)
@@ -85,8 +85,12 @@ class Config:
     keep_exports: int = _field(3, "Export versions kept (the newest; TF Serving serves the "
                                "newest); 0 keeps all.")
     keep_checkpoints: int = _field(3, "Checkpoints kept.")
-    strategy: str = _field("default", "tf.distribute strategy; multi_worker reads TF_CONFIG.",
-                           choices=STRATEGIES)
+    strategy: str = _field("default", "tf.distribute strategy; multi_worker reads TF_CONFIG "
+                           "(every worker runs the same command; --batch_size is the global "
+                           "batch, split between the workers).", choices=STRATEGIES)
+    collective_timeout: int = _field(300, "multi_worker: seconds a collective waits for the "
+                                     "other workers before the job stops (a worker died); 0 "
+                                     "waits forever.")
     fresh: bool = _field(False, "Start over: an existing run in --model_dir is moved aside to "
                          "<model_dir>.<time>.")
     verbose: int = _field(-1, "Keras progress: 0 silent, 1 bar, 2 a line per epoch, -1 the bar "
@@ -128,6 +132,7 @@ class Config:
                 raise ConfigError(f"--{key} {getattr(self, key)}: must be at least 1")
         for key in ("warmup_epochs", "eval_every", "eval_iw_samples", "eval_subset",
                     "export_every", "keep_exports", "validation", "clusters", "labels",
+                    "collective_timeout",
                     "clip_norm", "y_init_stddev", "cluster_usage", "pseudo_labels",
                     "departure_epochs"):
             if getattr(self, key) < 0:

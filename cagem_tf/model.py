@@ -379,6 +379,15 @@ class CaGeM(keras.Model):
         self.cluster_usage, self.pseudo_labels = bool(cluster_usage), bool(pseudo_labels)
         self.trackers = {name: keras.metrics.Mean(name=name) for name in METRIC_NAMES}
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Keras builds a model symbolically from a batch before `fit` under a tf.distribute
+        strategy. Every variable here is built in __init__ and the losses are the model's own,
+        so only the optimizer may need building (Keras' version also fails on dict batches
+        under MultiWorkerMirroredStrategy, reducing them across workers)."""
+        if self.optimizer is not None and not self.optimizer.built:
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.trainable_variables)
+
     @property
     def metrics(self):
         return list(self.trackers.values())
@@ -386,7 +395,11 @@ class CaGeM(keras.Model):
     def _update(self, values):
         for name, value in values.items():
             self.trackers[name].update_state(value)
-        return {name: self.trackers[name].result() for name in values}
+        results = {name: self.trackers[name].result() for name in values}
+        if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+            # Keras averages a multi-worker step's logs along axis 0: give them one.
+            results = {name: tf.reshape(value, [1]) for name, value in results.items()}
+        return results
 
     def _labelled_terms(self, x, y, seed, training, collect):
         log_q, log_p = self.class_log_probs(x, self.num_samples if training else None, seed,

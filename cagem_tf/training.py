@@ -20,16 +20,20 @@ class TrainingError(RuntimeError):
     """Training stopped; the message says why and what was kept."""
 
 
-def make_strategy(name: str) -> tf.distribute.Strategy:
+def make_strategy(name: str, collective_timeout: int = 0) -> tf.distribute.Strategy:
     """default: one device; mirrored: all local GPUs (or CPUs); multi_worker: TF_CONFIG's
-    cluster; tpu: the TPU the cluster resolver finds. (`Config` has checked the name.)"""
+    cluster, whose collectives give up after `collective_timeout` seconds (0: never), so that
+    the job stops when a worker dies; tpu: the TPU the cluster resolver finds. (`Config` has
+    checked the name.)"""
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
         if "TF_CONFIG" not in os.environ:
             raise rundir.RunError("--strategy multi_worker needs the TF_CONFIG environment "
                                   "variable describing the cluster")
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        options = tf.distribute.experimental.CommunicationOptions(
+            timeout_seconds=collective_timeout or None)
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     if name == "tpu":
         try:
             resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
@@ -68,6 +72,16 @@ def _labelled_subset(arrays, config: Config, run: rundir.RunDir, resuming: bool)
     else:
         rundir.write_json(run.labelled, labelled.tolist())
     return labelled
+
+
+def _worker_callbacks(config: Config, checkpoint):
+    """What a non-chief worker runs: the schedules and its part of the collective checkpoint."""
+    return [callbacks.KLWarmup(config.warmup_epochs),
+            callbacks.Anneal("usage_weight", config.cluster_usage, config.departure_epochs),
+            callbacks.Anneal("pseudo_weight", config.pseudo_labels, config.departure_epochs),
+            keras.callbacks.LearningRateScheduler(callbacks.step_decay(
+                config.learning_rate, config.lr_decay, config.lr_decay_epochs)),
+            keras.callbacks.TerminateOnNaN(), checkpoint]
 
 
 def _callbacks(config: Config, run: rundir.RunDir, checkpoint, arrays, log):
@@ -139,19 +153,41 @@ def train(config: Config, log=print) -> dict:
         raise rundir.RunError(f"--clusters {clusters}: with labels, the clusters are the "
                               f"{arrays.num_classes} classes; leave --clusters at 0")
     data.labelled_indices(arrays.y_train, config.labels, arrays.num_classes, config.seed)
-    strategy = make_strategy(config.strategy)
+    strategy = make_strategy(config.strategy, config.collective_timeout)
 
+    if not is_chief(strategy):
+        return _train(config, arrays, clusters, strategy, log, chief=False)
     if config.fresh:
         rundir.set_aside(config.model_dir, log)
     with rundir.Lock(config.model_dir, "training"):
         return _train(config, arrays, clusters, strategy, log)
 
 
-def _train(config: Config, arrays, clusters: int, strategy, log) -> dict:
-    """The part of `train` that writes into the run directory, under its lock."""
+def is_chief(strategy) -> bool:
+    """Whether this process writes the run directory: always, except for the workers of a
+    multi-worker cluster other than its chief (the task "chief", or worker 0 when the cluster
+    has no chief task), as tf.distribute's multi-worker guide has it."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    return resolver.task_type == "worker" and resolver.task_id == 0 and \
+        "chief" not in resolver.cluster_spec().as_dict()
+
+
+def _train(config: Config, arrays, clusters: int, strategy, log, chief: bool = True) -> dict:
+    """The part of `train` that writes into the run directory, under its lock. A non-chief
+    worker writes nothing there but its checkpoint shards, to a temporary folder it removes
+    (saving is collective: every worker takes part); it restores from the chief's
+    checkpoints, so the run directory must be on storage every worker sees."""
     run = rundir.RunDir(config.model_dir)
-    resuming = rundir.prepare(config, log=log)
-    labelled = _labelled_subset(arrays, config, run, resuming)
+    if chief:
+        resuming = rundir.prepare(config, log=log)
+        labelled = _labelled_subset(arrays, config, run, resuming)
+    else:
+        labelled = data.labelled_indices(arrays.y_train, config.labels, arrays.num_classes,
+                                         config.seed)
     pseudo = None
     if config.pseudo_labels > 0:
         log(f"k-means ({clusters} centres) of the training images for --pseudo_labels")
@@ -162,11 +198,15 @@ def _train(config: Config, arrays, clusters: int, strategy, log) -> dict:
     with strategy.scope():
         model = build_model(config, arrays.image_shape, clusters, alpha,
                             synchronized_bn=strategy.num_replicas_in_sync > 1)
+        scratch = None if chief else run.join(
+            f".worker-{strategy.cluster_resolver.task_id}-scratch")
         checkpoint = callbacks.EpochCheckpoint(run.checkpoints, model,
-                                               keep=config.keep_checkpoints, log=log)
+                                               keep=config.keep_checkpoints, log=log,
+                                               scratch=scratch)
         initial_epoch = checkpoint.restore()
-    rundir.write_json(run.model, {k: v for k, v in model.get_config().items()
-                                  if k != "synchronized_bn"})
+    if chief:
+        rundir.write_json(run.model, {k: v for k, v in model.get_config().items()
+                                      if k != "synchronized_bn"})
     if initial_epoch:
         log(f"Resuming {run.path} after epoch {initial_epoch}")
     if initial_epoch >= config.epochs:
@@ -178,7 +218,8 @@ def _train(config: Config, arrays, clusters: int, strategy, log) -> dict:
     verbose = config.verbose if config.verbose >= 0 else (1 if sys.stdout.isatty() else 2)
     stop = callbacks.GracefulStop()
     checkpoint.stopper = stop
-    fit_callbacks = [stop] + _callbacks(config, run, checkpoint, arrays, log)
+    fit_callbacks = [stop] + (_callbacks(config, run, checkpoint, arrays, log) if chief else
+                              _worker_callbacks(config, checkpoint))
     for callback in fit_callbacks:
         callback.stopper = stop
     history = model.fit(streams.train, epochs=config.epochs, initial_epoch=initial_epoch,
@@ -195,7 +236,7 @@ def _train(config: Config, arrays, clusters: int, strategy, log) -> dict:
                             "rerun to resume from it, or add --fresh with a lower "
                             "--learning_rate to start over")
     every = config.export_every
-    if initial_epoch < config.epochs and not (every and config.epochs % every == 0):
+    if chief and initial_epoch < config.epochs and not (every and config.epochs % every == 0):
         path = serving.export(model.float32_twin(), run.export, config.keep_exports,
                               config.export_iw_samples)
         log(f"exported {path}")

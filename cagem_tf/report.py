@@ -121,6 +121,26 @@ def write_figures(model, x, y, latent, clusters, run: rundir.RunDir, seed, out_d
                          f"PCA of the {layer} means")
 
 
+def per_image_bounds(model_dir: str, samples: int, results: dict | None = None):
+    """The per-image IW bounds [N] of a run's last evaluation with `samples` samples."""
+    run = rundir.RunDir(model_dir)
+    results = results or rundir.read_json(os.path.join(run.evaluation, "results.json"))
+    path = os.path.join(run.partial, f"iw_{results['iw_estimator']}_{samples}_seed0_n"
+                                     f"{results['images']}.npy")
+    if not os.path.isfile(path):
+        raise rundir.RunError(f"{model_dir}: no per-image F_{samples} ({path}); evaluate it "
+                              "with the same --eval_iw_samples")
+    return np.load(path)
+
+
+def paired_difference(model_dir: str, baseline_dir: str, samples: int) -> tuple:
+    """(mean, standard error) over images of F_S(run) - F_S(baseline), paired per image (both
+    scored on the same images, so the difference is measured far more precisely than the
+    means)."""
+    difference = per_image_bounds(model_dir, samples) - per_image_bounds(baseline_dir, samples)
+    return float(difference.mean()), float(difference.std() / np.sqrt(len(difference)))
+
+
 def comparison_table(rows, samples) -> str:
     """One Markdown row per evaluated run: rows of (name, results with train_seconds and
     eval_seconds)."""

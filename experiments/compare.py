@@ -24,6 +24,8 @@ flags.DEFINE_list("flagfiles", None, "Flagfiles of train/main.py, one run each."
 flags.DEFINE_string("out", None, "Directory of the runs and of comparison.md.")
 flags.DEFINE_list("eval_iw_samples", ["1", "10", "1000"], "Bounds F_S to evaluate.")
 flags.DEFINE_integer("eval_subset", 1000, "Test images evaluated (the first ones; 0: all).")
+flags.DEFINE_string("baseline", None, "Name of the run (a flagfile's name) that every run is "
+                    "compared with, paired per image, at the largest S.")
 flags.DEFINE_list("iw_samples", None, "Deprecated name of --eval_iw_samples.")
 flags.DEFINE_integer("subset", None, "Deprecated name of --eval_subset.")
 flags.mark_flags_as_required(["flagfiles", "out"])
@@ -72,6 +74,17 @@ def main(argv):
         [(r["labels"], {s: r["bounds"][s]["mean"] for s in samples}) for _, r in rows],
         os.path.join(FLAGS.out, "likelihood_vs_labels.png"))
     print(report.comparison_table(rows, samples))
+    if FLAGS.baseline:
+        s = max(samples, key=int)
+        lines = [f"| run | F_{s} - {FLAGS.baseline} (nats, paired per image) |", "|---|---|"]
+        for name, _ in rows:
+            mean, stderr = report.paired_difference(os.path.join(FLAGS.out, name),
+                                                    os.path.join(FLAGS.out, FLAGS.baseline),
+                                                    int(s))
+            lines.append(f"| {name} | {mean:+.2f} ± {stderr:.2f} |")
+        with open(os.path.join(FLAGS.out, "comparison.md"), "a") as f:
+            f.write("\n" + "\n".join(lines) + "\n")
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":

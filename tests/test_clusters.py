@@ -1,0 +1,113 @@
+"""Cluster measures, k-means, and the opt-in cluster levers and departures."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from cagem_tf import callbacks, clustering, objective
+from conftest import tiny_cagem
+
+
+def test_nmi_and_ari_are_one_for_the_same_partition_under_any_naming_and_near_zero_by_chance():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, 2000)
+    renamed = (labels * 3 + 1) % 5  # a permutation of the names
+    assert clustering.nmi(renamed, labels) == pytest.approx(1.0)
+    assert clustering.ari(renamed, labels) == pytest.approx(1.0)
+    assert clustering.purity(renamed, labels) == 1.0
+    chance = rng.integers(0, 5, 2000)
+    assert clustering.nmi(chance, labels) < 0.01 and abs(clustering.ari(chance, labels)) < 0.01
+    assert clustering.nmi(np.zeros(2000, int), labels) == 0.0
+
+
+def test_usage_counts_clusters_and_mutual_information():
+    K, n = 4, 400
+    confident = np.eye(K)[np.arange(n) % K]          # every image certain, clusters even
+    use = clustering.usage(confident)
+    assert use["clusters_used"] == K and use["occupancy"] == [n // K] * K
+    assert use["mutual_information"] == pytest.approx(np.log(K))
+    assert use["mean_entropy"] == pytest.approx(0.0)
+    unsure = np.full([n, K], 1.0 / K)                 # y carries nothing about x
+    assert clustering.usage(unsure)["mutual_information"] == pytest.approx(0.0, abs=1e-12)
+    one = np.eye(K)[np.r_[np.zeros(n - 5, int), np.ones(5, int)]]  # 5 images: under 2%
+    assert clustering.usage(one)["clusters_used"] == 1
+
+
+def test_kmeans_finds_separated_clusters():
+    rng = np.random.default_rng(1)
+    centres = rng.normal(0, 10, (3, 5))
+    truth = np.arange(300) % 3
+    x = centres[truth] + rng.normal(0, 0.5, (300, 5))
+    assert clustering.ari(clustering.kmeans(x, 3, seed=0), truth) == pytest.approx(1.0)
+    np.testing.assert_array_equal(clustering.kmeans(x, 3, seed=0), clustering.kmeans(x, 3, 0))
+
+
+def test_shared_noise_uses_one_draw_for_every_cluster():
+    model = tiny_cagem(num_clusters=3, z2_dim=2, shared_noise=True)
+    x = (np.random.default_rng(0).random((4, 5)) < 0.5).astype(np.float32)
+    terms = model.latent_terms(x, 2, seed=tf.constant([1, 2]))
+    parts = model.x_parts(x)
+    q_z2 = model.q_z2.distribution(model.q_z2_inputs(model.clusters(2), terms["z1"], None),
+                                   projected=parts["q_z2"])
+    eps = ((terms["z2"] - q_z2.mean()) / q_z2.stddev()).numpy()          # [K,S,B,d2]
+    np.testing.assert_allclose(eps[0], eps[1], atol=1e-5)
+    np.testing.assert_allclose(eps[0], eps[2], atol=1e-5)
+    independent = tiny_cagem(num_clusters=3, z2_dim=2)
+    terms = independent.latent_terms(x, 2, seed=tf.constant([1, 2]))
+    assert not np.allclose(terms["z2"][0] - terms["z2"][1], 0)
+
+
+def test_y_init_stddev_sets_the_first_layer_weights_of_y():
+    model = tiny_cagem(y_init_stddev=3.0, hidden_upper=(64, 64), hidden_lower=(64, 64))
+    for net in (model.q_z2, model.p_z1, model.p_x):
+        assert 2.0 < float(np.std(net.projections[0].kernel.numpy())) < 4.0
+    assert float(np.std(model.q_z1.projections[0].kernel.numpy())) < 1.0
+
+
+def _step_change(model, data):
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    model.train_step(data)
+    return {v.path: not np.array_equal(b, v.numpy())
+            for b, v in zip(before, model.trainable_variables)}
+
+
+def test_pseudo_labels_train_only_the_classifier_networks():
+    model = tiny_cagem(num_clusters=2)
+    model.compile(keras.optimizers.SGD(0.1), pseudo_labels=True)
+    model.pseudo_weight.assign(1.0)
+    x = (np.random.default_rng(0).random((8, 5)) < 0.5).astype(np.float32)
+    y = np.arange(8) % 2
+    # The ELBO's gradient is zeroed (learning rate aside) by comparing with and without labels.
+    with_labels = model.train_step({"x": x, "y_pseudo": y})
+    assert "h_pseudo" in with_labels
+    a = tiny_cagem(num_clusters=2)
+    a.compile(keras.optimizers.SGD(0.1), pseudo_labels=True)
+    b = tiny_cagem(num_clusters=2)
+    b.compile(keras.optimizers.SGD(0.1))
+    a.pseudo_weight.assign(5.0)
+    a.train_step({"x": x, "y_pseudo": y})
+    b.train_step({"x": x})
+    classifier = {v.path for v in a.classifier_variables}
+    for va, vb in zip(a.trainable_variables, b.trainable_variables):
+        same = np.allclose(va.numpy(), vb.numpy(), atol=1e-6)
+        assert same != (va.path in classifier and "q_y" in va.path), va.path
+
+
+def test_departures_anneal_to_zero_and_then_leave_the_papers_objective():
+    anneal = callbacks.Anneal("usage_weight", 2.0, epochs=4)
+    assert anneal.value(0) == 2.0 and anneal.value(2) == pytest.approx(1.0)
+    assert anneal.value(4) == 0.0 and anneal.value(9) == 0.0
+    x = (np.random.default_rng(0).random((8, 5)) < 0.5).astype(np.float32)
+    with_term, without = tiny_cagem(num_clusters=2), tiny_cagem(num_clusters=2)
+    with_term.compile(keras.optimizers.SGD(0.1), cluster_usage=True)
+    without.compile(keras.optimizers.SGD(0.1))
+    with_term.usage_weight.assign(0.0)  # annealed out
+    out_a, out_b = with_term.train_step({"x": x}), without.train_step({"x": x})
+    assert float(out_a["loss"]) == pytest.approx(float(out_b["loss"]))
+    for va, vb in zip(with_term.trainable_variables, without.trainable_variables):
+        np.testing.assert_allclose(va.numpy(), vb.numpy(), atol=1e-6)
+    with_term.usage_weight.assign(1.0)
+    usage = objective.batch_usage(with_term.latent_terms(x, 1, seed=tf.constant([0, 1]))[
+        "q_y_logits"])
+    assert 0.0 <= float(usage) <= np.log(2) + 1e-6

@@ -6,6 +6,7 @@ directory's layout is `cagem_tf.rundir`'s.
 
 import os
 import sys
+import warnings
 
 import keras
 import numpy as np
@@ -222,8 +223,11 @@ def _train(config: Config, arrays, clusters: int, strategy, log, chief: bool = T
                               _worker_callbacks(config, checkpoint))
     for callback in fit_callbacks:
         callback.stopper = stop
-    history = model.fit(streams.train, epochs=config.epochs, initial_epoch=initial_epoch,
-                        callbacks=fit_callbacks, verbose=verbose)
+    with warnings.catch_warnings():
+        # Keras warns that its shuffle flag does not apply to a tf.data stream (shuffled here).
+        warnings.filterwarnings("ignore", message="`shuffle=True` was passed")
+        history = model.fit(streams.train, epochs=config.epochs, initial_epoch=initial_epoch,
+                            callbacks=fit_callbacks, verbose=verbose)
     kept = checkpoint.manager.latest_checkpoint or "none yet"
     if checkpoint.write_error:
         raise TrainingError(checkpoint.write_error)

@@ -116,8 +116,11 @@ def test_two_workers_train_as_one_with_one_set_of_run_files(tiny_npz, tmp_path, 
     assert single.returncode == 0, err[-3000:]
     alone = _result(out)
     assert logs[0]["loss"] == logs[1]["loss"]
-    assert abs(logs[0]["elbo"] - alone["elbo"]) < 0.05 * abs(alone["elbo"])
-    assert abs(logs[0]["h_q"] - alone["h_q"]) < 0.1 * abs(alone["h_q"]) + 0.05
+    assert logs[0]["alpha"] == pytest.approx(alone["alpha"])  # N_u, N_l of the global batch
+    # Four steps from other initial weights and noise: the scale of the objective agrees (a
+    # loss or gradient counted once per worker would double it).
+    assert abs(logs[0]["elbo"] - alone["elbo"]) < 0.2 * abs(alone["elbo"])
+    assert abs(logs[0]["h_q"] - alone["h_q"]) < 0.3 * abs(alone["h_q"])
 
 
 def test_a_killed_worker_stops_the_job_and_a_rerun_resumes(tiny_npz, tmp_path, processes):

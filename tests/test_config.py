@@ -46,3 +46,25 @@ def test_an_earlier_config_json_still_reads_and_an_unknown_key_is_refused(tmp_pa
     with pytest.raises(rundir.RunError, match="precision_of_magic") as error:
         rundir.RunDir(str(tmp_path)).read_config()
     assert "\n" not in str(error.value)
+
+
+def test_the_plan_names_the_run_and_warns_of_a_long_cpu_run():
+    import types
+
+    import numpy as np
+
+    from cagem_tf import training
+    arrays = types.SimpleNamespace(name="mnist", x_train=np.zeros([60000]),
+                                   x_test=np.zeros([10000]), image_shape=(28, 28, 1))
+    streams = types.SimpleNamespace(num_unlabelled=60000, num_labelled=20)
+    model = types.SimpleNamespace(num_clusters=10, count_params=lambda: 3_000_000)
+    paper = "\n".join(training.plan(Config(labels=20, model_dir="runs/x"), arrays, streams,
+                                    model, 0))
+    assert "60000 training images (20 labelled)" in paper and "epochs 1..1000 of 600 steps" in paper
+    assert "tensorboard --logdir runs/x/logs" in paper
+    if not training.tf.config.list_physical_devices("GPU"):
+        assert "no GPU: 1000 epochs at this size take about 25 h" in paper
+        assert "experiments/quickstart.flags" in paper
+    short = training.plan(Config(epochs=5, hidden_lower=[500], hidden_upper=[256]), arrays,
+                          streams, model, 0)
+    assert not any("no GPU" in line for line in short)

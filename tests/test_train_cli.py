@@ -46,6 +46,9 @@ def test_end_to_end_run(tiny_npz, tmp_path):
     result = run_cli(f"--dataset={tiny_npz}", f"--model_dir={run}", "--epochs=2", *TINY,
                      "--intra_op_threads=1", "--inter_op_threads=2")
     assert result.returncode == 0, result.stderr[-3000:]
+    said = result.stdout + result.stderr
+    assert f"TensorBoard: tensorboard --logdir {run}/logs" in said
+    assert "epoch 1/2 done:" in said and "h left (ends about" in said
     config = json.load(open(os.path.join(run, "config.json")))
     assert config["labels"] == 6 and config["hidden_lower"] == [16, 16]
     labelled = json.load(open(os.path.join(run, "labelled_indices.json")))

@@ -31,6 +31,18 @@ def tiny_cagem(**overrides):
 
 
 @pytest.fixture
+def processes():
+    """A list for the subprocesses a test starts; those still running are killed afterwards,
+    also when the test fails."""
+    started = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+
+
+@pytest.fixture
 def tiny():
     return tiny_cagem()
 

@@ -44,16 +44,6 @@ def _wait_for_checkpoint(run, process, timeout=180):
         time.sleep(0.5)
 
 
-@pytest.fixture
-def processes():
-    started = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=30)
-
-
 def test_a_second_process_is_refused_and_a_killed_holder_leaves_no_lock(tiny_npz, tmp_path,
                                                                         processes):
     run = str(tmp_path / "run")

@@ -73,16 +73,6 @@ def _result(out):
     return json.loads(lines[0][len("RESULT"):]) if lines else None
 
 
-@pytest.fixture
-def processes():
-    started = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=30)
-
-
 def _cluster(settings, tmp_path, processes):
     cluster = [f"127.0.0.1:{p}" for p in _ports(2)]
     workers = [_start(settings, tmp_path / f"w{i}.npz", cluster, i) for i in range(2)]

@@ -14,43 +14,18 @@ import tensorflow as tf
 from cagem_tf import evaluation, figures, rundir, serving
 
 
-class KLWarmup(keras.callbacks.Callback):
-    """KL temperature linear from 0 to 1 over the first `warmup_epochs` epochs: before each step
-    T = min(1, (epoch + step / steps_per_epoch) / warmup_epochs); 1 when warmup_epochs is 0.
+class StepSchedule(keras.callbacks.Callback):
+    """Sets the model's scalar variable `name` to value(t) before every step, t = epoch +
+    step / steps_per_epoch, for the first `epochs` epochs (then once per epoch, at its end
+    value)."""
 
-    The ramp moves every step, not once per epoch, so that the first epoch does not run at T = 0
-    throughout (with no KL cost at all, q(z1|x) drifts arbitrarily far from p(z1|y,z2)).
-    """
-
-    def __init__(self, warmup_epochs: int):
+    def __init__(self, name: str, epochs: int):
         super().__init__()
-        self.warmup_epochs = warmup_epochs
-        self.epoch = 0
-
-    def temperature(self, epoch: float) -> float:
-        return 1.0 if self.warmup_epochs <= 0 else min(1.0, epoch / self.warmup_epochs)
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
-        self.model.temperature.assign(self.temperature(epoch))
-
-    def on_train_batch_begin(self, batch, logs=None):
-        steps = self.params.get("steps")
-        if steps and self.epoch < self.warmup_epochs:
-            self.model.temperature.assign(self.temperature(self.epoch + batch / steps))
-
-
-class Anneal(keras.callbacks.Callback):
-    """Sets the model's scalar weight `name` to start * max(0, 1 - t / epochs) before each step,
-    t = epoch + step / steps_per_epoch: linear from `start` to 0, then 0 for good."""
-
-    def __init__(self, name: str, start: float, epochs: int):
-        super().__init__()
-        self.name, self.start, self.epochs = name, start, epochs
+        self.name, self.epochs = name, epochs
         self.epoch = 0
 
     def value(self, t: float) -> float:
-        return self.start * max(0.0, 1.0 - t / self.epochs) if self.epochs > 0 else 0.0
+        raise NotImplementedError
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
@@ -60,6 +35,36 @@ class Anneal(keras.callbacks.Callback):
         steps = self.params.get("steps")
         if steps and self.epoch < self.epochs:
             getattr(self.model, self.name).assign(self.value(self.epoch + batch / steps))
+
+
+class KLWarmup(StepSchedule):
+    """KL temperature linear from 0 to 1 over the first `warmup_epochs` epochs: before each step
+    T = min(1, (epoch + step / steps_per_epoch) / warmup_epochs); 1 when warmup_epochs is 0.
+
+    The ramp moves every step, not once per epoch, so that the first epoch does not run at T = 0
+    throughout (with no KL cost at all, q(z1|x) drifts arbitrarily far from p(z1|y,z2)).
+    """
+
+    def __init__(self, warmup_epochs: int):
+        super().__init__("temperature", warmup_epochs)
+        self.warmup_epochs = warmup_epochs
+
+    def temperature(self, epoch: float) -> float:
+        return 1.0 if self.warmup_epochs <= 0 else min(1.0, epoch / self.warmup_epochs)
+
+    value = temperature
+
+
+class Anneal(StepSchedule):
+    """The model's scalar weight `name` at start * max(0, 1 - t / epochs): linear from `start`
+    to 0 over `epochs` epochs, then 0 for good."""
+
+    def __init__(self, name: str, start: float, epochs: int):
+        super().__init__(name, epochs)
+        self.start = start
+
+    def value(self, t: float) -> float:
+        return self.start * max(0.0, 1.0 - t / self.epochs) if self.epochs > 0 else 0.0
 
 
 def step_decay(learning_rate: float, decay: float, decay_epochs: int):
@@ -313,14 +318,14 @@ class Summaries(keras.callbacks.Callback):
         model = self.model.float32_twin()
         metrics = evaluation.periodic_metrics(model, self.x_eval, self.y_eval, self.iw_samples,
                                               seed=self.seed)
-        shown = {k: v for k, v in metrics.items() if np.isscalar(v)
-                 and (self.report_errors or not k.startswith("error"))}
+        shown = {k: v for k, v in metrics.items() if np.isscalar(v)}
         clusters = evaluation.cluster_report(model, self.x_eval, self.y_eval, self.num_classes,
                                              self.seed)
         cluster_keys = ["clusters_used", "mutual_information", "mean_entropy", "purity", "nmi",
                         "ari"]
         if self.report_errors:
-            cluster_keys += ["h_p", "h_q", "agreement_pq", "cross_entropy_p_y"]
+            cluster_keys += ["error_p", "error_q", "h_p", "h_q", "agreement_pq",
+                             "cross_entropy_p_y"]
         shown.update({k: clusters[k] for k in cluster_keys})
         for name, value in shown.items():
             tf.summary.scalar(name, value)

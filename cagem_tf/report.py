@@ -49,9 +49,9 @@ def _evaluate(run, config, model, x, y, num_classes, checkpoint, iw_samples, bat
                                       progress, iw_estimator)
         results["bounds"][str(s)] = {"mean": float(np.mean(values)),
                                      "stderr": float(np.std(values) / np.sqrt(n))}
-    if config.labels:
-        results["error_p"], results["error_q"] = evaluation.classifier_errors(model, x, y, seed)
     clusters = evaluation.cluster_report(model, x, y, num_classes, seed)
+    if config.labels:
+        results["error_p"], results["error_q"] = clusters["error_p"], clusters["error_q"]
     results["cluster_use"] = {k: clusters[k] for k in CLUSTER_KEYS
                               if k in clusters and (config.labels or k not in (
                                   "agreement_pq", "cross_entropy_p_y"))}

@@ -75,19 +75,10 @@ def _labelled_subset(arrays, config: Config, run: rundir.RunDir, resuming: bool)
     return labelled
 
 
-def _worker_callbacks(config: Config, checkpoint):
-    """What a non-chief worker runs: the schedules and its part of the collective checkpoint."""
-    return [callbacks.KLWarmup(config.warmup_epochs),
-            callbacks.Anneal("usage_weight", config.cluster_usage, config.departure_epochs),
-            callbacks.Anneal("pseudo_weight", config.pseudo_labels, config.departure_epochs),
-            keras.callbacks.LearningRateScheduler(callbacks.step_decay(
-                config.learning_rate, config.lr_decay, config.lr_decay_epochs)),
-            keras.callbacks.TerminateOnNaN(), checkpoint]
-
-
-def _callbacks(config: Config, run: rundir.RunDir, checkpoint, arrays, log):
-    """KL warm-up, the departures' schedules, learning-rate decay, NaN stop, checkpoints,
-    TensorBoard summaries (training, periodic evaluation, settings) and periodic exports."""
+def _callbacks(config: Config, run: rundir.RunDir, checkpoint, arrays, log, chief=True):
+    """KL warm-up, the departures' schedules, learning-rate decay, NaN stop, checkpoints; on the
+    chief also TensorBoard summaries (training, periodic evaluation, settings) and periodic
+    exports."""
     schedule = callbacks.step_decay(config.learning_rate, config.lr_decay,
                                     config.lr_decay_epochs)
     fit_callbacks = [
@@ -98,6 +89,8 @@ def _callbacks(config: Config, run: rundir.RunDir, checkpoint, arrays, log):
         keras.callbacks.TerminateOnNaN(),
         checkpoint,
     ]
+    if not chief:
+        return fit_callbacks
     n_eval = min(config.eval_subset, len(arrays.x_test))
     hparams = {k: (v if isinstance(v, (bool, int, float, str)) else str(v))
                for k, v in config.to_dict().items() if k not in MAY_CHANGE}
@@ -219,8 +212,7 @@ def _train(config: Config, arrays, clusters: int, strategy, log, chief: bool = T
     verbose = config.verbose if config.verbose >= 0 else (1 if sys.stdout.isatty() else 2)
     stop = callbacks.GracefulStop()
     checkpoint.stopper = stop
-    fit_callbacks = [stop] + (_callbacks(config, run, checkpoint, arrays, log) if chief else
-                              _worker_callbacks(config, checkpoint))
+    fit_callbacks = [stop] + _callbacks(config, run, checkpoint, arrays, log, chief)
     for callback in fit_callbacks:
         callback.stopper = stop
     with warnings.catch_warnings():

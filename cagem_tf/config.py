@@ -66,8 +66,8 @@ class Config:
                             "evaluations and exports are float32 either way.",
                             choices=PRECISIONS)
     num_samples: int = _field(1, "Samples of z1 (and z2 per y) in the training ELBO.")
-    seed: int = _field(0, "Seed of the labelled subset, the data order and the model's "
-                       "sampling.")
+    seed: int = _field(0, "Seed of the labelled subset, the data order, the initial "
+                       "weights and the model's sampling.")
     model_dir: str = _field("runs/cagem", "Run directory: config, checkpoints, logs, exports.")
     data_dir: str | None = _field(None, "tensorflow-datasets data directory.")
     manual_dir: str | None = _field(None, "Folder with the data set's original files (e.g. the "

@@ -140,6 +140,9 @@ def train(config: Config, log=print) -> dict:
     Raises data.DataError, rundir.RunError for bad input (before anything is written) and
     TrainingError when the loss turns NaN or inf.
     """
+    # First: TensorFlow's global seed also enters tf.data's shuffles, and the initial weights
+    # come from it, so one seed repeats a run, in a new process or the same one.
+    keras.utils.set_random_seed(config.seed)
     arrays = data.load(config.dataset, config.data_dir, config.manual_dir, log=log)
     arrays = data.hold_out(arrays, config.validation, config.seed)
     clusters = config.clusters or arrays.num_classes

@@ -107,10 +107,13 @@ def test_two_workers_train_as_one_with_one_set_of_run_files(tiny_npz, tmp_path, 
     alone = _result(out)
     assert logs[0]["loss"] == logs[1]["loss"]
     assert logs[0]["alpha"] == pytest.approx(alone["alpha"])  # N_u, N_l of the global batch
-    # Four steps from other initial weights and noise: the scale of the objective agrees (a
-    # loss or gradient counted once per worker would double it).
-    assert abs(logs[0]["elbo"] - alone["elbo"]) < 0.2 * abs(alone["elbo"])
-    assert abs(logs[0]["h_q"] - alone["h_q"]) < 0.3 * abs(alone["h_q"])
+    # Four steps from the same initial weights (the seed), with other noise draws and batch
+    # normalization over the global batch: the objective and the metrics agree (a loss or a
+    # metric counted once per worker would double it).
+    for name in ("elbo", "log_px", "kl_z1"):  # 400 images an epoch: the noise averages out
+        assert logs[0][name] == pytest.approx(alone[name], rel=0.03), name
+    for name in ("loss", "h_q"):  # the cross-entropy on 6 labelled images a step: noisier
+        assert logs[0][name] == pytest.approx(alone[name], rel=0.25), name
 
 
 def test_a_killed_worker_stops_the_job_and_a_rerun_resumes(tiny_npz, tmp_path, processes):

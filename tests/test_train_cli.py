@@ -122,6 +122,19 @@ def test_changed_flag_on_resume_is_refused_and_fresh_keeps_the_old_run(tiny_npz,
     assert json.load(open(os.path.join(run, "config.json")))["beta"] == 0.2
 
 
+def test_one_seed_repeats_a_run_and_another_seed_does_not(tiny_npz, tmp_path):
+    config = {"dataset": tiny_npz, "epochs": 1, "labels": 6, "hidden_lower": [8],
+              "hidden_upper": [8], "z1_dim": 2, "z2_dim": 2, "batch_size": 100,
+              "eval_every": 0, "verbose": 0, "export_every": 0, "export_iw_samples": [10]}
+    first, again, other = (
+        training.train(Config(**config, seed=seed, model_dir=str(tmp_path / name)),
+                       log=lambda m: None)
+        for seed, name in ((3, "first"), (3, "again"), (4, "other")))
+    for name in ("loss", "elbo", "kl_z1"):
+        assert again[name] == pytest.approx(first[name], rel=1e-5), name
+    assert other["loss"] != pytest.approx(first["loss"], rel=1e-3)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_npz, tmp_path, monkeypatch):
     original = model_lib.CaGeM.train_step
 

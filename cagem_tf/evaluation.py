@@ -77,6 +77,11 @@ def _save_atomic(path: str, array) -> None:
     rundir.write_file(path, lambda f: np.save(f, array), mode="wb")
 
 
+def iw_bounds_file(directory: str, estimator: str, num_samples: int, seed: int, n: int) -> str:
+    """The file of `iw_bounds`' per-image values in `directory`, named by its settings."""
+    return os.path.join(directory, f"iw_{estimator}_{num_samples}_seed{seed}_n{n}.npy")
+
+
 def iw_bounds(model, x, num_samples: int, directory: str, seed: int = 0, batch_size: int = 100,
               chunk_size: int | None = None, progress: bool = True,
               estimator: str = "exact"):
@@ -88,7 +93,7 @@ def iw_bounds(model, x, num_samples: int, directory: str, seed: int = 0, batch_s
     `CaGeM.iw_bound`.
     """
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, f"iw_{estimator}_{num_samples}_seed{seed}_n{len(x)}.npy")
+    path = iw_bounds_file(directory, estimator, num_samples, seed, len(x))
     values = np.load(path) if os.path.isfile(path) else np.full([len(x)], np.nan, np.float32)
     bound = tf.function(lambda xb, s: model.iw_bound(xb, num_samples, chunk_size, seed=s,
                                                      estimator=estimator),
@@ -158,14 +163,15 @@ def cluster_report(model, x, y=None, num_classes: int | None = None, seed: int =
     clusters against them (`clustering.against_labels`); and the pieces of the cascade
     classifier: agreement_pq, the share of images where argmax p(y|x) = argmax q(y|x),
     h_p and h_q, the cross-entropies of p(y|x) and q(y|x) against the labels, their errors
-    error_p and error_q, and
+    error_p and error_q (these four when the K clusters are the labels' classes), and
     cross_entropy_p_y = E_q[-log p(y|z2^y)] (one sample). "q_y" holds q(y|x) [N,K] itself."""
     p_y, q_y = cluster_probs(model, x, seed, batch_size)
     report = {**clustering.usage(q_y), "q_y": q_y}
     if y is not None:
-        report.update(clustering.against_labels(q_y, y, num_classes or int(np.max(y)) + 1))
+        num_classes = num_classes or int(np.max(y)) + 1
+        report.update(clustering.against_labels(q_y, y, num_classes))
     report["agreement_pq"] = float(np.mean(np.argmax(p_y, -1) == np.argmax(q_y, -1)))
-    if y is not None:
+    if y is not None and q_y.shape[-1] == num_classes:  # the classifiers: y is the class
         report["error_p"] = float(np.mean(np.argmax(p_y, -1) != y))
         report["error_q"] = float(np.mean(np.argmax(q_y, -1) != y))
         index = (np.arange(len(y)), np.asarray(y, np.int64))

@@ -41,11 +41,14 @@ def _evaluate(run, config, model, x, y, num_classes, checkpoint, iw_samples, bat
     n = len(x)
     os.makedirs(run.evaluation, exist_ok=True)
 
-    results = {"split": split, "images": n, "checkpoint": checkpoint or run.latest_checkpoint(),
+    checkpoint = checkpoint or run.latest_checkpoint()
+    partial = run.partial(checkpoint, split)
+    results = {"split": split, "images": n, "checkpoint": checkpoint,
                "labels": config.labels, "clusters": model.num_clusters,
-               "iw_estimator": iw_estimator, "bounds": {}}
+               "iw_estimator": iw_estimator, "seed": seed,
+               "per_image_bounds": os.path.relpath(partial, run.path), "bounds": {}}
     for s in iw_samples:
-        values = evaluation.iw_bounds(model, x, s, run.partial, seed, batch_size, chunk_size,
+        values = evaluation.iw_bounds(model, x, s, partial, seed, batch_size, chunk_size,
                                       progress, iw_estimator)
         results["bounds"][str(s)] = {"mean": float(np.mean(values)),
                                      "stderr": float(np.std(values) / np.sqrt(n))}
@@ -125,8 +128,10 @@ def per_image_bounds(model_dir: str, samples: int, results: dict | None = None):
     """The per-image IW bounds [N] of a run's last evaluation with `samples` samples."""
     run = rundir.RunDir(model_dir)
     results = results or rundir.read_json(os.path.join(run.evaluation, "results.json"))
-    path = os.path.join(run.partial, f"iw_{results['iw_estimator']}_{samples}_seed0_n"
-                                     f"{results['images']}.npy")
+    # Evaluations before per-checkpoint folders kept their bounds in evaluation/partial.
+    directory = run.join(results.get("per_image_bounds", os.path.join("evaluation", "partial")))
+    path = evaluation.iw_bounds_file(directory, results["iw_estimator"], samples,
+                                     results.get("seed", 0), results["images"])
     if not os.path.isfile(path):
         raise rundir.RunError(f"{model_dir}: no per-image F_{samples} ({path}); evaluate it "
                               "with the same --eval_iw_samples")

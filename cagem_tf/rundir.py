@@ -9,11 +9,13 @@ reading back of a finished run (its model, its scored images).
   logs/evaluation         TensorBoard images of the evaluation program
   logs/projector          the Projector's embedding
   export/<n>/             SavedModel versions (TF Serving layout)
-  evaluation/             results.json, results.md, figures; partial/ per-image IW bounds
+  evaluation/             results.json, results.md, figures; partial/<split>-<checkpoint>-<id>/
+                          the per-image IW bounds of one checkpoint's weights
 """
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -144,9 +146,15 @@ class RunDir:
     def evaluation(self) -> str:
         return self.join("evaluation")
 
-    @property
-    def partial(self) -> str:
-        return self.join("evaluation", "partial")
+    def partial(self, checkpoint: str, split: str) -> str:
+        """Where the per-image bounds of `checkpoint`'s weights on `split` are kept. The name
+        carries a digest of the checkpoint's index (which holds every tensor's checksum): a
+        later checkpoint of the same name (after more epochs, or after a damaged one was set
+        aside) never reuses the bounds of other weights."""
+        with tf.io.gfile.GFile(checkpoint + ".index", "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()[:12]
+        return self.join("evaluation", "partial",
+                         f"{split}-{os.path.basename(checkpoint)}-{digest}")
 
     def logs(self, run: str = "") -> str:
         """logs/ (TensorBoard's --logdir), or one of its runs: train, eval, evaluation,

@@ -162,3 +162,35 @@ def test_estimators_cli_reports_bad_input_in_one_line(tmp_path):
         assert result.returncode != 0
         assert [line for line in result.stderr.splitlines() if line.startswith("error:")
                 and expected in line], result.stderr[-2000:]
+
+
+def test_a_later_checkpoint_is_scored_anew_not_from_the_earlier_ones_bounds(tiny_npz, tmp_path):
+    run = str(tmp_path / "run")
+    config = {"dataset": tiny_npz, "model_dir": run, "epochs": 1, "labels": 6,
+              "hidden_lower": [8], "hidden_upper": [8], "z1_dim": 2, "z2_dim": 2,
+              "eval_every": 0, "verbose": 0, "export_every": 0, "export_iw_samples": [10]}
+    quiet = dict(iw_samples=(10,), subset=40, batch_size=20, progress=False, figures_too=False,
+                 log=lambda m: None)
+    training.train(Config(**config), log=lambda m: None)
+    first = report.per_image_bounds(run, 10, report.evaluate(run, **quiet))
+    training.train(Config(**{**config, "epochs": 3}), log=lambda m: None)  # resumed: 2 more
+    later = report.per_image_bounds(run, 10, report.evaluate(run, **quiet))
+    assert not np.allclose(first, later)
+    _, x, _, _ = rundir.evaluation_images(run, 40, log=lambda m: None)
+    fresh = evaluation.iw_bounds(rundir.load_model(run), x, 10, str(tmp_path / "fresh"),
+                                 batch_size=20, progress=False)
+    np.testing.assert_allclose(later, fresh, rtol=1e-5)
+
+
+def test_a_vae_run_trains_and_evaluates_with_cluster_use_but_no_classifier(tiny_npz, tmp_path):
+    run = str(tmp_path / "vae")
+    config = Config(dataset=tiny_npz, model_dir=run, epochs=1, labels=0, clusters=1,
+                    hidden_lower=[8], hidden_upper=[8], z1_dim=2, z2_dim=2, eval_every=1,
+                    eval_subset=40, eval_iw_samples=5, verbose=0, export_every=0,
+                    export_iw_samples=[10])
+    training.train(config, log=lambda m: None)  # with a periodic evaluation
+    results = report.evaluate(run, iw_samples=(5,), subset=40, batch_size=20, progress=False,
+                              figures_too=False, log=lambda m: None)
+    assert results["clusters"] == 1 and results["cluster_use"]["clusters_used"] == 1
+    assert results["cluster_use"]["occupancy"] == [40]
+    assert "error_p" not in results and "h_p" not in results["cluster_use"]

@@ -67,18 +67,21 @@ def test_a_second_process_is_refused_and_a_killed_holder_leaves_no_lock(tiny_npz
     assert f"Resuming {run} after epoch {done}" in out + err
 
 
-def test_sigterm_stops_within_seconds_keeping_the_last_finished_epoch(tiny_npz, tmp_path,
-                                                                     processes):
+@pytest.mark.parametrize("signum,name", [(signal.SIGTERM, "SIGTERM"),
+                                         (signal.SIGINT, "Ctrl-C (SIGINT)")])
+def test_sigterm_or_ctrl_c_stops_within_seconds_keeping_the_last_finished_epoch(
+        tiny_npz, tmp_path, processes, signum, name):
     run = str(tmp_path / "run")
     process = _start(tiny_npz, run)
     processes.append(process)
     _wait_for_checkpoint(run, process)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     sent = time.time()
     _, err = process.communicate(timeout=60)
     assert time.time() - sent < 15
     assert process.returncode != 0
-    assert "stopped by SIGTERM" in err and "rerun the same command to resume" in err
+    last = err.strip().splitlines()[-1]
+    assert f"stopped by {name}" in last and "rerun the same command to resume" in last, last
     checkpoints = os.path.join(run, "checkpoints")
     latest = tf.train.latest_checkpoint(checkpoints)
     done = int(latest.rsplit("-", 1)[1])

@@ -137,6 +137,7 @@ def train(config: Config, log=print) -> dict:
     """Trains (or resumes) the run in config.model_dir; returns the last epoch's logs.
 
     A SavedModel goes to <model_dir>/export every `export_every` epochs and at the end.
+    Sets the process's global seeds (Python, NumPy, TensorFlow, Keras) to config.seed.
     Raises data.DataError, rundir.RunError for bad input (before anything is written) and
     TrainingError when the loss turns NaN or inf.
     """

@@ -47,12 +47,9 @@ class KLWarmup(StepSchedule):
 
     def __init__(self, warmup_epochs: int):
         super().__init__("temperature", warmup_epochs)
-        self.warmup_epochs = warmup_epochs
 
-    def temperature(self, epoch: float) -> float:
-        return 1.0 if self.warmup_epochs <= 0 else min(1.0, epoch / self.warmup_epochs)
-
-    value = temperature
+    def value(self, t: float) -> float:
+        return 1.0 if self.epochs <= 0 else min(1.0, t / self.epochs)
 
 
 class Anneal(StepSchedule):

@@ -187,12 +187,6 @@ def cluster_report(model, x, y=None, num_classes: int | None = None, seed: int =
     return report
 
 
-def classifier_errors(model, x, y, seed: int = 0, batch_size: int = 500):
-    """Test errors of p(y|x) and of q(y|x) (Monte Carlo classifiers, fixed seeds)."""
-    p_y, q_y = cluster_probs(model, x, seed, batch_size)
-    return (float(np.mean(np.argmax(p_y, -1) != y)), float(np.mean(np.argmax(q_y, -1) != y)))
-
-
 def means(model, x, batch_size: int = 500):
     """Posterior means (z1 [N,d1], z2 [N,d2]) of `CaGeM.encode`."""
     parts = [model.encode(x[start:start + batch_size]) for start in range(0, len(x), batch_size)]

@@ -146,6 +146,16 @@ def paired_difference(model_dir: str, baseline_dir: str, samples: int) -> tuple:
     return float(difference.mean()), float(difference.std() / np.sqrt(len(difference)))
 
 
+def paired_table(run_dirs: dict, baseline: str, samples: int) -> str:
+    """Markdown: F_S of each run ({name: run directory}) minus that of the run named
+    `baseline`, paired per image (`paired_difference`)."""
+    lines = [f"| run | F_{samples} - {baseline} (nats, paired per image) |", "|---|---|"]
+    for name, run_dir in run_dirs.items():
+        mean, stderr = paired_difference(run_dir, run_dirs[baseline], samples)
+        lines.append(f"| {name} | {mean:+.2f} ± {stderr:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def comparison_table(rows, samples) -> str:
     """One Markdown row per evaluated run: rows of (name, results with train_seconds and
     eval_seconds)."""

@@ -16,7 +16,7 @@ import time
 
 from absl import app, flags
 
-from cagem_tf import cli, figures, report
+from cagem_tf import cli, figures, report, rundir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,11 +50,14 @@ def main(argv):
     cli.rename("iw_samples", "eval_iw_samples")
     cli.rename("subset", "eval_subset")
     samples = [str(int(s)) for s in FLAGS.eval_iw_samples]
+    names = [os.path.splitext(os.path.basename(f))[0] for f in FLAGS.flagfiles]
+    run_dirs = {name: os.path.join(FLAGS.out, name) for name in names}
+    if FLAGS.baseline and FLAGS.baseline not in run_dirs:
+        sys.exit(f"error: --baseline {FLAGS.baseline}: not one of the runs "
+                 f"({', '.join(run_dirs)}); give a flagfile's name without .flags")
     os.makedirs(FLAGS.out, exist_ok=True)
     rows = []
-    for flagfile in FLAGS.flagfiles:
-        name = os.path.splitext(os.path.basename(flagfile))[0]
-        run_dir = os.path.join(FLAGS.out, name)
+    for flagfile, (name, run_dir) in zip(FLAGS.flagfiles, run_dirs.items()):
         log_path = os.path.join(FLAGS.out, f"{name}.log")
         start = time.time()
         run([sys.executable, "train/main.py", f"--flagfile={os.path.abspath(flagfile)}",
@@ -68,23 +71,14 @@ def main(argv):
         result.update(train_seconds=trained - start, eval_seconds=time.time() - trained)
         rows.append((name, result))
         print(f"{name}: done", flush=True)
-    with open(os.path.join(FLAGS.out, "comparison.md"), "w") as f:
-        f.write(report.comparison_table(rows, samples))
+    table = report.comparison_table(rows, samples)
+    if FLAGS.baseline:
+        table += "\n" + report.paired_table(run_dirs, FLAGS.baseline, int(max(samples, key=int)))
+    rundir.write_file(os.path.join(FLAGS.out, "comparison.md"), lambda f: f.write(table))
     figures.likelihood_vs_labels(
         [(r["labels"], {s: r["bounds"][s]["mean"] for s in samples}) for _, r in rows],
         os.path.join(FLAGS.out, "likelihood_vs_labels.png"))
-    print(report.comparison_table(rows, samples))
-    if FLAGS.baseline:
-        s = max(samples, key=int)
-        lines = [f"| run | F_{s} - {FLAGS.baseline} (nats, paired per image) |", "|---|---|"]
-        for name, _ in rows:
-            mean, stderr = report.paired_difference(os.path.join(FLAGS.out, name),
-                                                    os.path.join(FLAGS.out, FLAGS.baseline),
-                                                    int(s))
-            lines.append(f"| {name} | {mean:+.2f} ± {stderr:.2f} |")
-        with open(os.path.join(FLAGS.out, "comparison.md"), "a") as f:
-            f.write("\n" + "\n".join(lines) + "\n")
-        print("\n".join(lines))
+    print(table)
 
 
 if __name__ == "__main__":

@@ -139,15 +139,28 @@ def test_driver_on_two_tiny_configurations(tiny_npz, tmp_path):
         files.append(str(path))
     out = tmp_path / "out"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-    result = subprocess.run([sys.executable, "experiments/compare.py",
-                             f"--flagfiles={','.join(files)}", f"--out={out}",
-                             "--eval_iw_samples=1,5", "--eval_subset=30", "--", f"--dataset={tiny_npz}"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+    def compare(*args):
+        return subprocess.run([sys.executable, "experiments/compare.py",
+                               f"--flagfiles={','.join(files)}", f"--out={out}",
+                               "--eval_iw_samples=1,5", "--eval_subset=30", *args, "--",
+                               f"--dataset={tiny_npz}"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+    refused = compare("--baseline=vae")  # not a run: refused before anything is written
+    assert refused.returncode != 0 and not out.exists()
+    assert refused.stderr.strip().splitlines()[-1].startswith("error: --baseline vae: not one")
+    result = compare("--baseline=unsup")
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = open(out / "comparison.md").read().splitlines()
+    table, paired = open(out / "comparison.md").read().split("\n\n")
+    rows = table.splitlines()
     assert rows[0].startswith("| run | labels | K | F_1 | F_5 |")
     assert [r.split("|")[1].strip() for r in rows[2:]] == ["semi", "unsup"]
     assert os.path.isfile(out / "likelihood_vs_labels.png")
+    paired = paired.splitlines()
+    assert paired[0] == "| run | F_5 - unsup (nats, paired per image) |"
+    assert [r.split("|")[1].strip() for r in paired[2:]] == ["semi", "unsup"]
+    assert paired[3] == "| unsup | +0.00 ± 0.00 |"  # a run against itself
 
 
 def test_estimators_cli_reports_bad_input_in_one_line(tmp_path):

@@ -24,49 +24,40 @@ def evaluate(model_dir, checkpoint=None, iw_samples=(1, 10, 5000), subset=0, bat
     (RUN/evaluation; the figures to `figures_dir` when given)."""
     if not iw_samples or min(iw_samples) < 1 or subset < 0 or batch_size < 1 or (
             chunk_size is not None and chunk_size < 1):
-        raise rundir.RunError("--iw_samples, --batch_size and --chunk_size must be >= 1 and "
-                              "--subset >= 0")
+        raise rundir.RunError("--eval_iw_samples, --batch_size and --chunk_size must be >= 1 "
+                              "and --eval_subset >= 0")
     run = rundir.RunDir(model_dir)
     config, x, y, num_classes = rundir.evaluation_images(model_dir, subset, split, log)
+    checkpoint = checkpoint or run.latest_checkpoint()  # one checkpoint, read once
     model = rundir.load_model(model_dir, checkpoint)
     with rundir.Lock(model_dir, "evaluation"):
-        return _evaluate(run, config, model, x, y, num_classes, checkpoint, iw_samples,
-                         batch_size, chunk_size, split, figures_too, seed, progress, log,
-                         iw_estimator, figures_dir)
-
-
-def _evaluate(run, config, model, x, y, num_classes, checkpoint, iw_samples, batch_size,
-              chunk_size, split, figures_too, seed, progress, log, iw_estimator, figures_dir):
-    """`evaluate` under the run's lock."""
-    n = len(x)
-    os.makedirs(run.evaluation, exist_ok=True)
-
-    checkpoint = checkpoint or run.latest_checkpoint()
-    partial = run.partial(checkpoint, split)
-    results = {"split": split, "images": n, "checkpoint": checkpoint,
-               "labels": config.labels, "clusters": model.num_clusters,
-               "iw_estimator": iw_estimator, "seed": seed,
-               "per_image_bounds": os.path.relpath(partial, run.path), "bounds": {}}
-    for s in iw_samples:
-        values = evaluation.iw_bounds(model, x, s, partial, seed, batch_size, chunk_size,
-                                      progress, iw_estimator)
-        results["bounds"][str(s)] = {"mean": float(np.mean(values)),
-                                     "stderr": float(np.std(values) / np.sqrt(n))}
-    clusters = evaluation.cluster_report(model, x, y, num_classes, seed)
-    if config.labels:
-        results["error_p"], results["error_q"] = clusters["error_p"], clusters["error_q"]
-    results["cluster_use"] = {k: clusters[k] for k in CLUSTER_KEYS
-                              if k in clusters and (config.labels or k not in (
-                                  "agreement_pq", "cross_entropy_p_y"))}
-    latent = evaluation.latent_summary(model, x, seed)
-    results.update({k: v for k, v in latent.items() if not k.endswith("_means")})
-    rundir.write_json(os.path.join(run.evaluation, "results.json"), results)
-    rundir.write_file(os.path.join(run.evaluation, "results.md"),
-                      lambda f: f.write(markdown(results)))
-    if figures_too:
-        write_figures(model, x, y, latent, clusters, run, seed, figures_dir)
-    log(markdown(results))
-    return results
+        n = len(x)
+        os.makedirs(run.evaluation, exist_ok=True)
+        partial = run.partial(checkpoint, split)
+        results = {"split": split, "images": n, "checkpoint": checkpoint,
+                   "labels": config.labels, "clusters": model.num_clusters,
+                   "iw_estimator": iw_estimator, "seed": seed,
+                   "per_image_bounds": os.path.relpath(partial, run.path), "bounds": {}}
+        for s in iw_samples:
+            values = evaluation.iw_bounds(model, x, s, partial, seed, batch_size, chunk_size,
+                                          progress, iw_estimator)
+            results["bounds"][str(s)] = {"mean": float(np.mean(values)),
+                                         "stderr": float(np.std(values) / np.sqrt(n))}
+        clusters = evaluation.cluster_report(model, x, y, num_classes, seed)
+        if config.labels:
+            results["error_p"], results["error_q"] = clusters["error_p"], clusters["error_q"]
+        results["cluster_use"] = {k: clusters[k] for k in CLUSTER_KEYS
+                                  if k in clusters and (config.labels or k not in (
+                                      "agreement_pq", "cross_entropy_p_y"))}
+        latent = evaluation.latent_summary(model, x, seed)
+        results.update({k: v for k, v in latent.items() if not k.endswith("_means")})
+        rundir.write_json(os.path.join(run.evaluation, "results.json"), results)
+        rundir.write_file(os.path.join(run.evaluation, "results.md"),
+                          lambda f: f.write(markdown(results)))
+        if figures_too:
+            write_figures(model, x, y, latent, clusters, run, seed, figures_dir)
+        log(markdown(results))
+        return results
 
 
 def markdown(results) -> str:

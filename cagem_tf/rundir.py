@@ -47,7 +47,8 @@ def write_file(path: str, write, mode: str = "w") -> None:
     RunError naming the file."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, mode) as f:
+        # newline="": lines are written as given (what the csv module needs).
+        with open(tmp, mode, **({} if "b" in mode else {"newline": ""})) as f:
             write(f)
         os.replace(tmp, path)
     except OSError as e:

@@ -215,7 +215,6 @@ def _train(config: Config, arrays, clusters: int, strategy, log, chief: bool = T
         log(line)
     verbose = config.verbose if config.verbose >= 0 else (1 if sys.stdout.isatty() else 2)
     stop = callbacks.GracefulStop()
-    checkpoint.stopper = stop
     fit_callbacks = [stop] + _callbacks(config, run, checkpoint, arrays, log, chief)
     for callback in fit_callbacks:
         callback.stopper = stop

@@ -342,27 +342,26 @@ HEADERS = {
 }
 
 
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), or what platform says."""
+def _cpuinfo(key: str) -> str | None:
+    """The value of `key` in /proc/cpuinfo (its first processor), if there is one."""
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
+            if line.split(":", 1)[0].strip() == key:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or what platform says."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def cpu_flags() -> list[str]:
     """The CPU flags that decide bfloat16 speed: avx512_bf16, amx_bf16 (and amx_tile)."""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512f"})
-    except OSError:
-        pass
-    return []
+    flags = set((_cpuinfo("flags") or "").split())
+    return sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512f"})
 
 
 def run(settings, out=print):

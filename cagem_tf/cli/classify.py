@@ -49,7 +49,7 @@ def main(argv):
     cli.start(argv)
     import numpy as np
     import tensorflow as tf
-    from cagem_tf import images
+    from cagem_tf import images, rundir
     path = _saved_model_path()
     try:
         model = tf.saved_model.load(path)
@@ -81,20 +81,23 @@ def main(argv):
                          "cluster_q": int(np.argmax(q_y)), "p_y": p_y.round(6).tolist(),
                          "q_y": q_y.round(6).tolist(), "z2": z2[i].round(6).tolist(),
                          name: float(bound[i]), "note": loaded.notes.get(image, "")})
-    tmp = f"{FLAGS.out}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
+    def write(f):
         if FLAGS.out.endswith(".jsonl"):
             f.writelines(json.dumps(row) + "\n" for row in rows)
-        else:
-            writer = csv.writer(f)
-            k, d = len(rows[0]["p_y"]), len(rows[0]["z2"])
-            writer.writerow(["image", "class_p", "cluster_q"] + [f"p_y_{c}" for c in range(k)]
-                            + [f"q_y_{c}" for c in range(k)] + [f"z2_{j}" for j in range(d)]
-                            + [name, "note"])
-            for row in rows:
-                writer.writerow([row["image"], row["class_p"], row["cluster_q"], *row["p_y"],
-                                 *row["q_y"], *row["z2"], f"{row[name]:.4f}", row["note"]])
-    os.replace(tmp, FLAGS.out)
+            return
+        writer = csv.writer(f)
+        k, d = len(rows[0]["p_y"]), len(rows[0]["z2"])
+        writer.writerow(["image", "class_p", "cluster_q"] + [f"p_y_{c}" for c in range(k)]
+                        + [f"q_y_{c}" for c in range(k)] + [f"z2_{j}" for j in range(d)]
+                        + [name, "note"])
+        for row in rows:
+            writer.writerow([row["image"], row["class_p"], row["cluster_q"], *row["p_y"],
+                             *row["q_y"], *row["z2"], f"{row[name]:.4f}", row["note"]])
+
+    try:
+        rundir.write_file(FLAGS.out, write)
+    except rundir.RunError as e:
+        sys.exit(f"error: {e}")
     print(f"wrote {len(rows)} rows to {FLAGS.out}"
           + (f"; skipped {len(loaded.errors)} files" if loaded.errors else ""))
 

@@ -5,9 +5,9 @@ reading back of a finished run (its model, its scored images).
   model.json              the model's constructor arguments
   labelled_indices.json   the labelled training indices
   checkpoints/            tf.train checkpoints, one per epoch
-  logs/train, logs/eval   TensorBoard runs of training and of the periodic evaluation
+  logs/train, logs/eval   TensorBoard runs of training and of the periodic evaluation; logs/eval
+                          also holds the Projector's embedding
   logs/evaluation         TensorBoard images of the evaluation program
-  logs/projector          the Projector's embedding
   export/<n>/             SavedModel versions (TF Serving layout)
   evaluation/             results.json, results.md, figures; partial/<split>-<checkpoint>-<id>/
                           the per-image IW bounds of one checkpoint's weights
@@ -158,8 +158,7 @@ class RunDir:
                          f"{split}-{os.path.basename(checkpoint)}-{digest}")
 
     def logs(self, run: str = "") -> str:
-        """logs/ (TensorBoard's --logdir), or one of its runs: train, eval, evaluation,
-        projector."""
+        """logs/ (TensorBoard's --logdir), or one of its runs: train, eval, evaluation."""
         return self.join("logs", run) if run else self.join("logs")
 
     def latest_checkpoint(self) -> str | None:

@@ -198,7 +198,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
             else:
                 self.manager.save(checkpoint_number=epoch + 1)
         except (OSError, tf.errors.OpError) as e:
-            prefix = os.path.join(self.directory, f"ckpt-{epoch + 1}")
+            # Only this process's files: a worker's are in its scratch, never the chief's.
+            prefix = os.path.join(self.scratch or self.directory, f"ckpt-{epoch + 1}")
             for name in tf.io.gfile.glob(prefix + ".*") + tf.io.gfile.glob(prefix + "_temp*"):
                 tf.io.gfile.rmtree(name) if tf.io.gfile.isdir(name) else tf.io.gfile.remove(name)
             self.epoch.assign(epoch)

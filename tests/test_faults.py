@@ -9,11 +9,12 @@ import subprocess
 import sys
 import time
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from cagem_tf import rundir, serving, training
+from cagem_tf import callbacks, rundir, serving, training
 from cagem_tf.config import Config
 from conftest import clustered_npz, tiny_cagem
 
@@ -145,6 +146,23 @@ def test_a_full_disk_while_checkpointing_stops_with_the_last_checkpoint_intact(
     files = os.listdir(os.path.join(run, "checkpoints"))
     assert not [f for f in files if f.startswith("ckpt-2")]
     assert tf.train.latest_checkpoint(os.path.join(run, "checkpoints")).endswith("ckpt-1")
+
+
+def test_a_worker_whose_scratch_checkpoint_fails_leaves_the_chiefs_files(tmp_path,
+                                                                         monkeypatch):
+    model = tiny_cagem()
+    model.compile(keras.optimizers.Adam(1e-3))
+    chief, scratch = tmp_path / "checkpoints", tmp_path / ".worker-1-scratch"
+    chief.mkdir()
+    written = [chief / "ckpt-1.index", chief / "ckpt-1.data-00000-of-00001"]
+    for path in written:  # what the chief wrote for this epoch
+        path.write_text("the chief's")
+    worker = callbacks.EpochCheckpoint(str(chief), model, scratch=str(scratch))
+    worker.set_model(model)
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", _full_disk)
+    worker.on_epoch_end(0, {"loss": 1.0})
+    assert worker.write_error and str(scratch) in worker.write_error
+    assert all(path.read_text() == "the chief's" for path in written)
 
 
 def test_a_full_disk_while_exporting_keeps_the_earlier_versions(tmp_path, monkeypatch):

@@ -135,7 +135,9 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.directory, self.log, self.scratch = directory, log, scratch
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         model.optimizer.build(model.trainable_variables)
-        self.checkpoint = model.checkpoint(optimizer=model.optimizer, epoch=self.epoch)
+        self.others = {"optimizer": model.optimizer, "epoch": self.epoch}
+        self.checkpointed_model = model
+        self.checkpoint = model.checkpoint(**self.others)
         self.keep = keep
         self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=keep)
         self.bad_epoch = self.write_error = self.stopper = None
@@ -155,7 +157,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
         candidates = [path] if path else list(reversed(self.manager.checkpoints))
         for candidate in candidates:
             try:
-                self.checkpoint.restore(candidate).assert_existing_objects_matched()
+                self.checkpointed_model.checkpoint_to_read(candidate, **self.others).restore(
+                    candidate).assert_existing_objects_matched()
             except (AssertionError, ValueError) as e:
                 raise rundir.RunError(f"{candidate} does not match this run's model and "
                                       f"optimizer ({type(e).__name__}); add --fresh to start "
@@ -237,7 +240,7 @@ class PeriodicExport(keras.callbacks.Callback):
 # Training logs -> TensorBoard tags shared with the evaluation run, so that the two overlay.
 TRAIN_TAGS = {"elbo": "elbo", "log_px": "log_px", "kl_z1": "kl_z1", "kl_z2": "kl_z2",
               "kl_y": "kl_y", "h_p": "h_p", "h_q": "h_q", "loss": "loss",
-              "batch_usage": "batch_usage", "h_pseudo": "h_pseudo"}
+              "batch_usage": "batch_usage", "h_pseudo": "h_pseudo", "h_z2_code": "h_z2_code"}
 
 
 class Summaries(keras.callbacks.Callback):

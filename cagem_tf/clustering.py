@@ -1,4 +1,5 @@
-"""How a model uses its clusters, and k-means for the pseudo-label departure.
+"""How a model uses its clusters, and k-means (plain or seeded by labels) for the pseudo-label
+departure.
 
 For N images with cluster probabilities q_n = q(y|x_n) [N,K] (and labels l_n where known):
   occupancy_k   = #{n : argmax q_n = k}
@@ -92,11 +93,42 @@ def kmeans(x, k: int, seed: int = 0, iterations: int = 30) -> np.ndarray:
         weights = np.maximum(nearest, 0)
         centres.append(x[rng.choice(len(x), p=weights / weights.sum())])
         nearest = np.minimum(nearest, squared - 2 * x @ centres[-1] + centres[-1] @ centres[-1])
-    centres = np.stack(centres)
+    return _lloyd(x, np.stack(centres), iterations)
+
+
+def _nearest(x, centres):
+    """Index [N] of the nearest centre [K,D] of each row of x [N,D] (squared Euclidean)."""
+    return np.argmin(np.sum(x * x, 1)[:, None] - 2 * x @ centres.T + np.sum(centres ** 2, 1), 1)
+
+
+def _lloyd(x, centres, iterations: int, fixed=None) -> np.ndarray:
+    """Lloyd's iterations from `centres`; `fixed` (index [M], cluster [M]) keeps those rows in
+    their clusters whatever the nearest centre. Returns the final assignment [N]."""
     for _ in range(iterations):
-        assign = np.argmin(squared[:, None] - 2 * x @ centres.T + np.sum(centres ** 2, 1), 1)
-        for j in range(k):
+        assign = _nearest(x, centres)
+        if fixed is not None:
+            assign[fixed[0]] = fixed[1]
+        for j in range(len(centres)):
             members = x[assign == j]
             if len(members):
                 centres[j] = members.mean(0)
-    return np.argmin(squared[:, None] - 2 * x @ centres.T + np.sum(centres ** 2, 1), 1)
+    assign = _nearest(x, centres)
+    if fixed is not None:
+        assign[fixed[0]] = fixed[1]
+    return assign
+
+
+def seeded_kmeans(x, labelled, labels, num_classes: int, iterations: int = 30) -> np.ndarray:
+    """Class-aligned clusters [N] of the rows of x [N,D] from a few labelled rows: constrained
+    k-means (Basu, Banerjee & Mooney 2002). Centre c starts at the mean of the labelled rows of
+    class c; Lloyd's iterations then move the centres, with every labelled row kept in its
+    own class, so cluster c is the class c of the labels. No random choice: the result depends
+    only on x and the labelled subset."""
+    x = np.asarray(x, np.float32).reshape(len(x), -1)
+    labelled, labels = np.asarray(labelled, np.int64), np.asarray(labels, np.int64)
+    missing = sorted(set(range(num_classes)) - set(labels.tolist()))
+    if missing:
+        raise ValueError(f"seeded k-means needs a labelled example of every class; none of "
+                         f"{missing}")
+    centres = np.stack([x[labelled[labels == c]].mean(0) for c in range(num_classes)])
+    return _lloyd(x, centres, iterations, fixed=(labelled, labels))

@@ -107,9 +107,16 @@ class Config:
     pseudo_labels: float = _field(0.0, "DEPARTURE from the paper: weight of a cross-entropy of "
                                   "q(y|z1,x) on k-means labels of the unlabelled images "
                                   "(restricted to the classifier networks), annealed to 0 over "
-                                  "--departure_epochs.")
-    departure_epochs: int = _field(5, "Epochs over which --cluster_usage and --pseudo_labels "
-                                   "fall linearly to 0.")
+                                  "--departure_epochs. With --labels, the k-means is seeded "
+                                  "by the labelled images (constrained k-means: cluster c is "
+                                  "class c).")
+    z2_code: float = _field(0.0, "DEPARTURE from the paper: weight of E_q(y|z1,x)[-log "
+                            "p(y|z2^y)], the cross-entropy of p(y|z2) on the cluster each z2 "
+                            "was drawn for, added through q(z2|x,y,z1) and p(y|z2) only, so "
+                            "that z2 carries y and the cascade p(y|x) reads it; annealed to 0 "
+                            "over --departure_epochs.")
+    departure_epochs: int = _field(5, "Epochs over which --cluster_usage, --pseudo_labels "
+                                   "and --z2_code fall linearly to 0.")
 
     def __post_init__(self):
         for key in ("hidden_lower", "hidden_upper", "export_iw_samples"):
@@ -134,7 +141,7 @@ class Config:
                     "export_every", "keep_exports", "validation", "clusters", "labels",
                     "collective_timeout",
                     "clip_norm", "y_init_stddev", "cluster_usage", "pseudo_labels",
-                    "departure_epochs"):
+                    "z2_code", "departure_epochs"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"--{key} {getattr(self, key)}: must be 0 or more")
         if not self.learning_rate > 0 or not 0 < self.lr_decay <= 1:
@@ -147,9 +154,10 @@ class Config:
                                   "integers")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"--strategy {self.strategy}: use one of {', '.join(STRATEGIES)}")
-        if (self.cluster_usage or self.pseudo_labels) and self.departure_epochs < 1:
-            raise ConfigError("--cluster_usage and --pseudo_labels are annealed to 0: give "
-                              "--departure_epochs of 1 or more")
+        if (self.cluster_usage or self.pseudo_labels or self.z2_code) and \
+                self.departure_epochs < 1:
+            raise ConfigError("--cluster_usage, --pseudo_labels and --z2_code are annealed to "
+                              "0: give --departure_epochs of 1 or more")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -30,7 +30,10 @@ IW_CHUNK = {"exact": 100, "sampled": 500}
 # The six conditional networks, inference model first.
 NETWORKS = ("q_z1", "q_y", "q_z2", "p_y", "p_z1", "p_x")
 METRIC_NAMES = ("loss", "elbo", "log_px", "kl_z1", "kl_z2", "kl_y", "batch_usage",
-                "h_p", "h_q", "accuracy_p", "accuracy_q", "alpha", "h_pseudo")
+                "h_p", "h_q", "accuracy_p", "accuracy_q", "alpha", "h_pseudo", "h_z2_code")
+# Variables added after checkpoints were keyed by variable path: a checkpoint of the earlier,
+# positional layout ("weights/<i>") holds all the others, in `weights` order.
+NOT_IN_POSITIONAL_CHECKPOINTS = ("code_weight",)
 
 
 def _widths(hidden) -> tuple[int, ...]:
@@ -114,8 +117,11 @@ class CaGeM(keras.Model):
                                             name="usage_weight")
         self.pseudo_weight = self.add_weight(shape=(), initializer="zeros", trainable=False,
                                              name="pseudo_weight")
+        self.code_weight = self.add_weight(shape=(), initializer="zeros", trainable=False,
+                                           name="code_weight")
         self.seed_generator = keras.random.SeedGenerator(seed, name="seed_generator")
         self.alpha = 0.0
+        self.cluster_usage = self.pseudo_labels = self.z2_code = False
         self.trackers = {}
         # Build every variable now, so that compile, checkpoints and exports see them all. The
         # first call of each network gives all its inputs: Keras keeps that call's input specs
@@ -131,6 +137,12 @@ class CaGeM(keras.Model):
     def p_z2(self):
         """p(z2) = N(0, I): batch [], event [z2_dim]."""
         return tfd.MultivariateNormalDiag(loc=tf.zeros([self.z2_dim]))
+
+    @property
+    def code_variables(self):
+        """The variables of q(z2|x,y,z1) and p(y|z2), the only ones the z2-code departure
+        trains."""
+        return self.q_z2.trainable_variables + self.p_y.trainable_variables
 
     @property
     def classifier_variables(self):
@@ -357,26 +369,53 @@ class CaGeM(keras.Model):
             mine.assign(theirs)
         return self._twin
 
-    def checkpoint(self, **others) -> tf.train.Checkpoint:
-        """A tf.train.Checkpoint of every variable of the model (and of `others`).
+    def checkpoint(self, positional: bool = False, **others) -> tf.train.Checkpoint:
+        """A tf.train.Checkpoint of every variable of the model (and of `others`), each under
+        its path ("q_z1/input_0/kernel"; the model's own as "model/<name>"), so that a
+        checkpoint restores by name whatever the order of the variables.
 
         Keras 3 does not expose layers kept in lists as checkpoint dependencies, so the
-        variables are listed explicitly; their order is fixed by the architecture.
+        variables are listed explicitly. `positional`: the layout of earlier versions, a list
+        in `weights` order without `NOT_IN_POSITIONAL_CHECKPOINTS`, to read their checkpoints.
         """
-        return tf.train.Checkpoint(weights=list(self.weights), **others)
+        if positional:
+            return tf.train.Checkpoint(weights=[
+                v for v in self.weights
+                if v.path.split("/")[-1] not in NOT_IN_POSITIONAL_CHECKPOINTS
+                or not v.path.startswith(self.name + "/")], **others)
+        return tf.train.Checkpoint(variables=self.variables_by_path(), **others)
+
+    def checkpoint_to_read(self, path: str, **others) -> tf.train.Checkpoint:
+        """`checkpoint(**others)` in the layout of the checkpoint file `path` (its prefix):
+        by path, or positional for an earlier version's."""
+        keys = [name for name, _ in tf.train.list_variables(path)]
+        positional = any(k.startswith("weights/") for k in keys) and \
+            not any(k.startswith("variables/") for k in keys)
+        return self.checkpoint(positional=positional, **others)
+
+    def variables_by_path(self) -> dict:
+        """{path: variable} of every variable; the model's own under "model/" rather than
+        under its (instance-dependent) name."""
+        own = self.name + "/"
+        named = {("model/" + v.path[len(own):] if v.path.startswith(own) else v.path): v
+                 for v in self.weights}
+        if len(named) != len(self.weights):
+            raise ValueError("two variables of the model share a path")
+        return named
 
     # ----------------------------------------------------------------------------------------
     # Training
     def compile(self, optimizer="adam", alpha: float = 0.0, cluster_usage: bool = False,
-                pseudo_labels: bool = False, **kwargs):
+                pseudo_labels: bool = False, z2_code: bool = False, **kwargs):
         """alpha weighs the labelled cross-entropies: see `objective.alpha`.
 
-        cluster_usage, pseudo_labels: put the opt-in departures of `train_step` in the step;
-        their weights are `usage_weight` and `pseudo_weight`.
+        cluster_usage, pseudo_labels, z2_code: put the opt-in departures of `train_step` in
+        the step; their weights are `usage_weight`, `pseudo_weight` and `code_weight`.
         """
         super().compile(optimizer=optimizer, **kwargs)
         self.alpha = float(alpha)
         self.cluster_usage, self.pseudo_labels = bool(cluster_usage), bool(pseudo_labels)
+        self.z2_code = bool(z2_code)
         self.trackers = {name: keras.metrics.Mean(name=name) for name in METRIC_NAMES}
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
@@ -425,7 +464,10 @@ class CaGeM(keras.Model):
             batch's mean cluster distribution (all variables);
           pseudo-labels: J -= pseudo_weight * mean_b -log q(y_b'|z1_b,x_b) for the k-means
             label y_b' of each unlabelled image ("y_pseudo"), through `classifier_variables`
-            only, like the labelled cross-entropies.
+            only, like the labelled cross-entropies;
+          z2 code: J -= code_weight * `objective.z2_code` (p(y|z2) told which y each z2^y was
+            drawn for), through `code_variables` only: z2 learns to carry y, so that the
+            cascade p(y|x) = sum_c q(c|z1,x) p(y|z2^c) can read the cluster q(y|z1,x) found.
         `batch_usage` is logged in every run.
         """
         step_seed = tf.stack([tf.constant(self.seed or 0, tf.int32),
@@ -435,7 +477,8 @@ class CaGeM(keras.Model):
         labelled = "x_labelled" in data and self.alpha > 0
         pseudo = self.pseudo_labels and "y_pseudo" in data
         restricted_loss = tf.constant(0.0)
-        with tf.GradientTape(persistent=labelled or pseudo) as tape:
+        groups = []  # (loss / replicas, the only variables it trains)
+        with tf.GradientTape(persistent=labelled or pseudo or self.z2_code) as tape:
             terms = self.latent_terms(data["x"], seed=seed_u, training=True)
             parts = objective.elbo(terms, self.temperature)
             usage = objective.batch_usage(terms["q_y_logits"])
@@ -451,26 +494,31 @@ class CaGeM(keras.Model):
                 h_pseudo = objective.cross_entropy(
                     tf.nn.log_softmax(terms["q_y_logits"][0]), data["y_pseudo"])
                 restricted_loss += self.pseudo_weight * h_pseudo
-            scaled_restricted_loss = restricted_loss / replicas
+            if labelled or pseudo:
+                groups.append((restricted_loss / replicas, self.classifier_variables))
+            if self.z2_code:
+                h_code = objective.z2_code(terms)
+                groups.append((self.code_weight * h_code / replicas, self.code_variables))
+                loss = loss + self.code_weight * h_code
         variables = self.trainable_variables
         grads = tape.gradient(scaled_loss, variables)
         values = {name: tf.reduce_mean(parts[name])
                   for name in ("elbo", "log_px", "kl_z1", "kl_z2", "kl_y")}
         values["batch_usage"] = usage
-        if labelled or pseudo:
-            index = {id(v): i for i, v in enumerate(variables)}
-            restricted = self.classifier_variables
-            ce_grads = tape.gradient(scaled_restricted_loss, restricted)
-            for v, g in zip(restricted, ce_grads):
+        index = {id(v): i for i, v in enumerate(variables)}
+        for group_loss, group_variables in groups:
+            for v, g in zip(group_variables, tape.gradient(group_loss, group_variables)):
                 if g is not None:
                     grads[index[id(v)]] = grads[index[id(v)]] + g
-            del tape
-            loss = loss + restricted_loss
+        del tape
+        loss = loss + restricted_loss
         if labelled:
             values.update(ce)
             values["alpha"] = self.alpha
         if pseudo:
             values["h_pseudo"] = h_pseudo
+        if self.z2_code:
+            values["h_z2_code"] = h_code
         self.optimizer.apply(grads, variables)
         values["loss"] = loss
         return self._update(values)

@@ -87,6 +87,15 @@ def batch_usage(q_y_logits):
     return -tf.reduce_sum(mean * tf.math.log(mean + 1e-12))
 
 
+def z2_code(terms):
+    """E_q(y|z1,x)[-log p(y|z2^y)], mean over samples and examples: how poorly p(y|z2) tells
+    which y each z2^y ~ q(z2|x,y,z1) was drawn for (the cross-entropy part of kl_y). The
+    weights q(y|z1,x) are held fixed (no gradient): the term moves z2 and p(y|z2), not the
+    clusters. Scalar."""
+    q_y, _ = _over_y(terms["q_y_logits"])
+    return tf.reduce_mean(tf.reduce_sum(tf.stop_gradient(q_y) * -terms["log_p_y"], axis=0))
+
+
 def cross_entropy(log_probs, labels):
     """Mean over the batch of -log prob[label]; log_probs [B,K], labels int [B]."""
     labels = tf.cast(labels, tf.int32)

@@ -229,7 +229,7 @@ def load_model(model_dir: str, checkpoint: str | None = None, precision: str = "
                        "train at least one epoch or pass an existing --checkpoint")
     model = CaGeM(**{**read_json(run.model), "precision": precision})
     try:
-        model.checkpoint().restore(checkpoint).expect_partial() \
+        model.checkpoint_to_read(checkpoint).restore(checkpoint).expect_partial() \
             .assert_existing_objects_matched()
     except (AssertionError, ValueError, tf.errors.OpError) as e:
         raise RunError(f"{checkpoint} does not hold the variables of the model in "

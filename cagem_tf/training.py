@@ -58,7 +58,7 @@ def build_model(config: Config, image_shape, num_clusters: int, alpha: float,
     clip = {"global_clipnorm": config.clip_norm} if config.clip_norm > 0 else {}
     model.compile(keras.optimizers.Adam(config.learning_rate, **clip), alpha=alpha,
                   cluster_usage=config.cluster_usage > 0,
-                  pseudo_labels=config.pseudo_labels > 0)
+                  pseudo_labels=config.pseudo_labels > 0, z2_code=config.z2_code > 0)
     return model
 
 
@@ -85,6 +85,7 @@ def _callbacks(config: Config, run: rundir.RunDir, checkpoint, arrays, log, chie
         callbacks.KLWarmup(config.warmup_epochs),
         callbacks.Anneal("usage_weight", config.cluster_usage, config.departure_epochs),
         callbacks.Anneal("pseudo_weight", config.pseudo_labels, config.departure_epochs),
+        callbacks.Anneal("code_weight", config.z2_code, config.departure_epochs),
         keras.callbacks.LearningRateScheduler(schedule),
         keras.callbacks.TerminateOnNaN(),
         checkpoint,
@@ -187,7 +188,11 @@ def _train(config: Config, arrays, clusters: int, strategy, log, chief: bool = T
         labelled = data.labelled_indices(arrays.y_train, config.labels, arrays.num_classes,
                                          config.seed)
     pseudo = None
-    if config.pseudo_labels > 0:
+    if config.pseudo_labels > 0 and len(labelled):
+        log(f"k-means seeded by the {len(labelled)} labelled images for --pseudo_labels")
+        pseudo = clustering.seeded_kmeans(arrays.x_train / np.float32(255), labelled,
+                                          arrays.y_train[labelled], clusters)
+    elif config.pseudo_labels > 0:
         log(f"k-means ({clusters} centres) of the training images for --pseudo_labels")
         pseudo = clustering.kmeans(arrays.x_train / np.float32(255), clusters, config.seed)
     streams = data.streams(arrays, labelled, config.batch_size, config.labelled_batch_size,

@@ -253,7 +253,8 @@ class Summaries(keras.callbacks.Callback):
       error_q), learning_rate, temperature, alpha, seconds_per_epoch, hours_left.
     logs/eval, every `eval_every` epochs (and at the last), on the fixed images `x_eval`
       (`evaluation.periodic_metrics`): elbo and its terms, iw_bound, with labels error_p,
-      error_q, h_p, h_q, agreement_pq, cross_entropy_p_y; active units, cluster use
+      error_q, h_p, h_q, agreement_pq, cross_entropy_p_y, error_posterior, h_posterior;
+      active units, cluster use
       (`evaluation.cluster_report`: clusters_used, mutual_information, mean_entropy, purity,
       nmi, ari) with occupancy and cluster-by-label charts, per-unit KL histograms, image grids
       of samples, class-conditional samples and reconstructions, and the Projector's z2 and z1
@@ -326,7 +327,7 @@ class Summaries(keras.callbacks.Callback):
                         "ari"]
         if self.report_errors:
             cluster_keys += ["error_p", "error_q", "h_p", "h_q", "agreement_pq",
-                             "cross_entropy_p_y"]
+                             "cross_entropy_p_y", "error_posterior", "h_posterior"]
         shown.update({k: clusters[k] for k in cluster_keys})
         for name, value in shown.items():
             tf.summary.scalar(name, value)

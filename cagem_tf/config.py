@@ -88,9 +88,12 @@ class Config:
     strategy: str = _field("default", "tf.distribute strategy; multi_worker reads TF_CONFIG "
                            "(every worker runs the same command; --batch_size is the global "
                            "batch, split between the workers).", choices=STRATEGIES)
-    collective_timeout: int = _field(300, "multi_worker: seconds a collective waits for the "
-                                     "other workers before the job stops (a worker died); 0 "
-                                     "waits forever.")
+    collective_timeout: int = _field(0, "multi_worker: seconds a collective waits for the "
+                                     "other workers before it fails; 0 (the default): no "
+                                     "timeout of its own (TensorFlow gives each timed "
+                                     "collective a waiting thread, thousands a minute in a "
+                                     "real run), a dead worker is found by the coordination "
+                                     "service's heartbeats and stops the job within seconds.")
     fresh: bool = _field(False, "Start over: an existing run in --model_dir is moved aside to "
                          "<model_dir>.<time>.")
     verbose: int = _field(-1, "Keras progress: 0 silent, 1 bar, 2 a line per epoch, -1 the bar "

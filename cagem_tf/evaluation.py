@@ -157,13 +157,27 @@ def cluster_probs(model, x, seed: int = 0, batch_size: int = 500):
             np.concatenate([q.numpy() for _, q in parts]))
 
 
+POSTERIOR_SAMPLES = 100  # importance samples of the model's own p(y|x) in evaluations
+
+
+def posterior_probs(model, x, num_samples: int = POSTERIOR_SAMPLES, seed: int = 0,
+                    batch_size: int = 100):
+    """The generative model's own p(y|x) [N,K] (`CaGeM.posterior_log_probs`), by batches."""
+    fn = tf.function(lambda xb, s: model.posterior_log_probs(xb, num_samples, seed=s))
+    return np.concatenate([
+        np.exp(fn(x[start:start + batch_size], tf.constant([seed, 2000 + i])).numpy())
+        for i, start in enumerate(range(0, len(x), batch_size))])
+
+
 def cluster_report(model, x, y=None, num_classes: int | None = None, seed: int = 0,
                    batch_size: int = 500) -> dict:
     """How the model uses y on images x (`clustering.usage` of q(y|x)); with labels y, the
     clusters against them (`clustering.against_labels`); and the pieces of the cascade
     classifier: agreement_pq, the share of images where argmax p(y|x) = argmax q(y|x),
     h_p and h_q, the cross-entropies of p(y|x) and q(y|x) against the labels, their errors
-    error_p and error_q (these four when the K clusters are the labels' classes), and
+    error_p and error_q (these four when the K clusters are the labels' classes; p(y|x) is the
+    paper's cascade), error_posterior and h_posterior of the model's own p(y|x) by importance
+    sampling (`posterior_probs`, also then), and
     cross_entropy_p_y = E_q[-log p(y|z2^y)] (one sample). "q_y" holds q(y|x) [N,K] itself."""
     p_y, q_y = cluster_probs(model, x, seed, batch_size)
     report = {**clustering.usage(q_y), "q_y": q_y}
@@ -177,6 +191,9 @@ def cluster_report(model, x, y=None, num_classes: int | None = None, seed: int =
         index = (np.arange(len(y)), np.asarray(y, np.int64))
         report["h_p"] = float(-np.mean(np.log(np.maximum(p_y[index], 1e-30))))
         report["h_q"] = float(-np.mean(np.log(np.maximum(q_y[index], 1e-30))))
+        posterior = posterior_probs(model, x, seed=seed)
+        report["error_posterior"] = float(np.mean(np.argmax(posterior, -1) != y))
+        report["h_posterior"] = float(-np.mean(np.log(np.maximum(posterior[index], 1e-30))))
     total = 0.0
     for index, start in enumerate(range(0, len(x), batch_size)):
         terms = model.latent_terms(x[start:start + batch_size], 1,

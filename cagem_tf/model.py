@@ -269,26 +269,58 @@ class CaGeM(keras.Model):
             raise ValueError(f"estimator {estimator!r}: use 'exact' or 'sampled'")
         chunk_size = IW_CHUNK[estimator] if chunk_size is None else chunk_size
         parts = self.x_parts(x)
-        x = parts["x"]
+
+        def log_weights(chunk, chunk_seed):                                          # [C,B]
+            if estimator == "exact":
+                return objective.iw_log_weights(
+                    self.latent_terms(parts["x"], chunk, chunk_seed, x_parts=parts))
+            return self.sampled_log_weights(parts["x"], chunk, chunk_seed, x_parts=parts)
+
+        acc = self._sum_weights(log_weights, tf.shape(parts["x"])[:1], num_samples,
+                                chunk_size, seed)
+        return acc - tf.math.log(tf.cast(num_samples, tf.float32))
+
+    def _sum_weights(self, log_weights, shape, num_samples, chunk_size: int, seed):
+        """log sum_s w_s over S = `num_samples` importance samples, in chunks of `chunk_size`
+        accumulated with logsumexp in a fixed-shape running value (samples past S in the last
+        chunk are masked), so memory is set by the chunk and the loop compiles under
+        tf.function. log_weights(C, seed) gives the log-weights of C samples, [C, *shape]."""
         num_samples = tf.convert_to_tensor(num_samples, tf.int32)
         chunk = tf.minimum(tf.constant(chunk_size, tf.int32), num_samples)
         num_chunks = (num_samples + chunk - 1) // chunk
         seed = self._seed(seed)
 
         def body(i, acc):
-            chunk_seed = tf.random.experimental.stateless_fold_in(seed, i)
-            if estimator == "exact":
-                log_w = objective.iw_log_weights(
-                    self.latent_terms(x, chunk, chunk_seed, x_parts=parts))
-            else:
-                log_w = self.sampled_log_weights(x, chunk, chunk_seed, x_parts=parts)  # [C,B]
+            log_w = log_weights(chunk, tf.random.experimental.stateless_fold_in(seed, i))
             index = i * chunk + tf.range(chunk)
-            log_w = tf.where((index < num_samples)[:, None], log_w, -np.inf)
+            mask = tf.reshape(index < num_samples, tf.concat([[chunk], tf.ones_like(shape)], 0))
+            log_w = tf.where(mask, log_w, -np.inf)
             return i + 1, tf.reduce_logsumexp(tf.stack([acc, tf.reduce_logsumexp(log_w, 0)]), 0)
 
-        acc = tf.fill([tf.shape(x)[0]], tf.constant(-np.inf, tf.float32))
+        acc = tf.fill(shape, tf.constant(-np.inf, tf.float32))
         _, acc = tf.while_loop(lambda i, _: i < num_chunks, body, (tf.constant(0), acc))
-        return acc - tf.math.log(tf.cast(num_samples, tf.float32))
+        return acc
+
+    def posterior_log_probs(self, x, num_samples: int = 100, chunk_size: int = 100,
+                            seed=None):
+        """log p(y|x) [B,K] of the generative model itself, by importance sampling:
+
+        p(x,y) = E_q(z1|x) q(z2|x,y,z1)[ p(x,y,z1,z2) / (q(z1|x) q(z2|x,y,z1)) ],
+        p(y|x) = p(x,y) / sum_y' p(x,y'),
+        each estimated with the S samples of the exact IW bound (`objective.iw_log_weights`
+        before its sum over y): consistent as S grows. Unlike the cascade of
+        `class_log_probs`, which reads y from z2 through p(y|z2) alone, it weighs every y by
+        how well p(x|y,z1) p(z1|y,z2) p(y|z2) explain x.
+        """
+        parts = self.x_parts(x)
+
+        def log_weights(chunk, chunk_seed):                                        # [C,K,B]
+            terms = self.latent_terms(parts["x"], chunk, chunk_seed, x_parts=parts)
+            return tf.transpose(objective.iw_log_weights_per_y(terms), [1, 0, 2])
+
+        shape = tf.stack([self.num_clusters, tf.shape(parts["x"])[0]])
+        log_joint = self._sum_weights(log_weights, shape, num_samples, chunk_size, seed)
+        return tf.nn.log_softmax(tf.transpose(log_joint), -1)
 
     # ----------------------------------------------------------------------------------------
     # Classifiers

@@ -55,6 +55,14 @@ def iw_log_weights(terms):
     return tf.reduce_logsumexp(log_joint_over_q_z2, axis=0) - terms["log_q_z1"]
 
 
+def iw_log_weights_per_y(terms):
+    """log w_s^y [K,S,B] = log p(x,y,z1_s,z2_s^y) / (q(z1_s|x) q(z2_s^y|x,y,z1_s)): the terms
+    of `iw_log_weights` before their sum over y. E[w_s^y] = p(x,y), so normalising
+    sum_s w_s^y over y estimates the model's own p(y|x)."""
+    return (terms["log_p_x"] + terms["log_p_z1"] + terms["log_p_y"] + terms["log_p_z2"]
+            - terms["log_q_z2"] - terms["log_q_z1"])
+
+
 def sampled_log_weights(terms):
     """log w_s [S,B] with y drawn instead of summed: y_s ~ q(y|z1_s,x),
     w_s = p(x,y_s,z1_s,z2_s) / (q(z1_s|x) q(y_s|z1_s,x) q(z2_s|x,y_s,z1_s)).

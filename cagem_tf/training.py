@@ -23,9 +23,9 @@ class TrainingError(RuntimeError):
 
 def make_strategy(name: str, collective_timeout: int = 0) -> tf.distribute.Strategy:
     """default: one device; mirrored: all local GPUs (or CPUs); multi_worker: TF_CONFIG's
-    cluster, whose collectives give up after `collective_timeout` seconds (0: never), so that
-    the job stops when a worker dies; tpu: the TPU the cluster resolver finds. (`Config` has
-    checked the name.)"""
+    cluster, whose collectives give up after `collective_timeout` seconds (0: never; the
+    coordination service's heartbeats find a dead worker and abort the others' collectives);
+    tpu: the TPU the cluster resolver finds. (`Config` has checked the name.)"""
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
@@ -162,6 +162,17 @@ def train(config: Config, log=print) -> dict:
         return _train(config, arrays, clusters, strategy, log)
 
 
+def _worker_failure(error, checkpoint) -> str:
+    """One line for a multi-worker step that failed because another worker did."""
+    lines = str(error).splitlines()
+    dead = [l.strip() for l in lines if l.strip().startswith("/job:")]
+    reason = f"worker {dead[0]} stopped" if dead else \
+        f"a collective failed ({type(error).__name__}: {lines[0][:120] if lines else ''})"
+    kept = checkpoint.manager.latest_checkpoint or "none yet"
+    return (f"{reason}; the job stopped and the chief's last checkpoint is kept ({kept}): "
+            "start every worker again with the same command to resume")
+
+
 def is_chief(strategy) -> bool:
     """Whether this process writes the run directory: always, except for the workers of a
     multi-worker cluster other than its chief (the task "chief", or worker 0 when the cluster
@@ -226,8 +237,16 @@ def _train(config: Config, arrays, clusters: int, strategy, log, chief: bool = T
     with warnings.catch_warnings():
         # Keras warns that its shuffle flag does not apply to a tf.data stream (shuffled here).
         warnings.filterwarnings("ignore", message="`shuffle=True` was passed")
-        history = model.fit(streams.train, epochs=config.epochs, initial_epoch=initial_epoch,
-                            callbacks=fit_callbacks, verbose=verbose)
+        try:
+            history = model.fit(streams.train, epochs=config.epochs,
+                                initial_epoch=initial_epoch, callbacks=fit_callbacks,
+                                verbose=verbose)
+        except (tf.errors.UnavailableError, tf.errors.CancelledError,
+                tf.errors.DeadlineExceededError, tf.errors.AbortedError,
+                tf.errors.InternalError) as e:
+            if config.strategy != "multi_worker":
+                raise
+            raise TrainingError(_worker_failure(e, checkpoint)) from None
     kept = checkpoint.manager.latest_checkpoint or "none yet"
     if checkpoint.write_error:
         raise TrainingError(checkpoint.write_error)

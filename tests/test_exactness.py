@@ -19,8 +19,8 @@ def _all_binary_images(d):
     return np.array(list(itertools.product([0.0, 1.0], repeat=d)), np.float32)
 
 
-def exact_log_px(model, xs, z2_step=0.0025, chunk=400):
-    """log p(x) [N] by Riemann sums over (z1, z2) grids.
+def exact_log_px(model, xs, z2_step=0.0025, chunk=400, per_y=False):
+    """log p(x) [N] (per_y: log p(x,y) [K,N]) by Riemann sums over (z1, z2) grids.
 
     The z1 step is a quarter of the smallest scale of p(z1|y,z2), where a Riemann sum of a
     Gaussian is exact to double precision; the z2 step is fine enough for the kinks of the ReLU
@@ -40,14 +40,15 @@ def exact_log_px(model, xs, z2_step=0.0025, chunk=400):
     # p(x|y,z1) for every image: [K,n1,N]
     p_x = np.exp(np.einsum("nd,kmd->kmn", xs, logits)
                  - np.logaddexp(0.0, logits).sum(-1)[..., None])
-    total = np.zeros(len(xs))
+    total = np.zeros([len(y), len(xs)])
     for start in range(0, len(z2), chunk):
         part = slice(start, start + chunk)
         log_p_z1 = (-0.5 * ((z1[None, None, :] - loc[:, part, None]) / scale[:, part, None]) ** 2
                     - np.log(scale[:, part, None]) - 0.5 * np.log(2 * np.pi))  # [K,c,n1]
         inner = np.einsum("kab,kbn->kan", np.exp(log_p_z1), p_x) * z1_step     # [K,c,N]
-        total += np.einsum("ka,kan->n", np.exp(log_p_y[:, part] + log_p_z2[None, part]), inner)
-    return np.log(total * z2_step)
+        total += np.einsum("ka,kan->kn", np.exp(log_p_y[:, part] + log_p_z2[None, part]),
+                           inner)
+    return np.log(total * z2_step) if per_y else np.log(total.sum(0) * z2_step)
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +160,16 @@ def test_estimator_comparison_converges_to_log_px(model, exact):
         assert spread[estimator, 3] > 3 * spread[estimator, 3000] > 0
     table = evaluation.estimators_markdown(results).splitlines()
     assert len(table) == 6 and "+0.000 ± 0.000" in table[2]
+
+
+def test_the_importance_sampled_posterior_is_the_models_own_p_of_y_given_x(model):
+    xs = _all_binary_images(5)
+    log_joint = exact_log_px(model, xs, per_y=True)                         # [K,N]
+    exact_posterior = np.exp(log_joint - np.logaddexp.reduce(log_joint, 0)).T
+    estimate = np.exp(model.posterior_log_probs(xs, 5000, 1000, seed=tf.constant([2, 3])))
+    np.testing.assert_allclose(estimate.sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(estimate, exact_posterior, atol=0.03)  # IS noise at S = 5000
+    assert np.abs(estimate - exact_posterior).mean() < 0.01
+    # The cascade, which reads y from z2 alone, approximates another quantity: it fails this.
+    _, cascade = model.class_log_probs(xs, 200, seed=tf.constant([2, 3]))
+    assert np.abs(np.exp(cascade.numpy()) - exact_posterior).mean() > 0.02

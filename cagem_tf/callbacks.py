@@ -290,6 +290,12 @@ class Summaries(keras.callbacks.Callback):
         if _stopping(self):
             return
         step, logs = epoch + 1, logs or {}
+        if "loss" in logs and not math.isfinite(float(logs["loss"])):
+            # Training stops after this epoch and resumes from the one before: a summary of
+            # it would stand beside the rerun's at the same step.
+            self.log(f"epoch {step}: the loss is {float(logs['loss'])}; nothing of this epoch "
+                     "is logged or evaluated")
+            return
         seconds = time.time() - self.epoch_started
         self.epochs_timed += 1
         per_epoch = (time.time() - self.started) / self.epochs_timed

@@ -5,6 +5,7 @@ fields' help texts) and a key of the run's config.json. Defaults are the paper's
 """
 
 import dataclasses
+import types
 import typing
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
@@ -21,6 +22,9 @@ RETIRED = ("test_binarization",)
 
 class ConfigError(ValueError):
     """A setting no run can use; the message is one line that says what to do."""
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
 def _field(default, help_text, **metadata):
@@ -122,6 +126,7 @@ class Config:
                                    "and --z2_code fall linearly to 0.")
 
     def __post_init__(self):
+        self._check_types()
         for key in ("hidden_lower", "hidden_upper", "export_iw_samples"):
             widths = getattr(self, key)
             widths = [widths] if isinstance(widths, int) else list(widths)
@@ -133,6 +138,29 @@ class Config:
             setattr(self, key, widths * 2 if len(widths) == 1 and key != "export_iw_samples"
                     else widths)
         self.check()
+
+    def _check_types(self) -> None:
+        """One-line errors for values of the wrong type (as a config.json may hold): ints are
+        ints (not 1.5, "10" or true), floats numbers (an int is taken), bools bools, strings
+        strings, and a setting with choices one of them. Widths are checked by
+        __post_init__, which also takes one integer or a comma-separated string."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value, hint = getattr(self, f.name), hints[f.name]
+            optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and \
+                type(None) in typing.get_args(hint)
+            if optional and value is None or typing.get_origin(hint) is list:
+                continue
+            kind = next(a for a in typing.get_args(hint) if a is not type(None)) \
+                if optional else hint
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, f.name, float(value))
+                continue
+            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+                raise ConfigError(f"--{f.name} {value!r}: must be {_KIND_NAMES[kind]}")
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise ConfigError(f"--{f.name} {value}: use one of {', '.join(choices)}")
 
     def check(self) -> None:
         """One-line errors for settings no run can use."""
@@ -173,6 +201,8 @@ class Config:
         """A Config from a dict such as config.json. Keys missing from an earlier version's
         file take their defaults (which reproduce that version's behaviour); retired keys are
         dropped; an unknown key is a one-line error."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"{what} is not a JSON object of settings; start a new run")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names - set(RETIRED))
         if unknown:

@@ -9,6 +9,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from cagem_tf import clustering, rundir
+from cagem_tf.model import IW_CHUNK
 
 tfd = tfp.distributions
 
@@ -77,9 +78,25 @@ def _save_atomic(path: str, array) -> None:
     rundir.write_file(path, lambda f: np.save(f, array), mode="wb")
 
 
-def iw_bounds_file(directory: str, estimator: str, num_samples: int, seed: int, n: int) -> str:
-    """The file of `iw_bounds`' per-image values in `directory`, named by its settings."""
-    return os.path.join(directory, f"iw_{estimator}_{num_samples}_seed{seed}_n{n}.npy")
+def iw_bounds_file(directory: str, estimator: str, num_samples: int, seed: int, n: int,
+                   batch_size: int, chunk_size: int | None) -> str:
+    """The file of `iw_bounds`' per-image values in `directory`, named by every setting that
+    changes them: the batches and chunks decide which random draws each image gets."""
+    chunk = min(chunk_size or IW_CHUNK[estimator], num_samples)
+    return os.path.join(directory, f"iw_{estimator}_{num_samples}_seed{seed}_n{n}"
+                                   f"_batch{batch_size}_chunk{chunk}.npy")
+
+
+def _load_partial(path: str, n: int):
+    """The saved per-image values, or None when there are none or the file is damaged (they
+    are recomputed: nothing else depends on them)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        values = np.load(path)
+    except (ValueError, OSError, EOFError):
+        return None
+    return values if values.shape == (n,) else None
 
 
 def iw_bounds(model, x, num_samples: int, directory: str, seed: int = 0, batch_size: int = 100,
@@ -89,12 +106,15 @@ def iw_bounds(model, x, num_samples: int, directory: str, seed: int = 0, batch_s
 
     Batch b uses the seed (seed, S, b), so an evaluation that is interrupted and rerun gives
     exactly the values of an uninterrupted one; finished batches are read back, not recomputed.
-    The file, named by the settings, holds NaN for images not done yet. `estimator` is that of
-    `CaGeM.iw_bound`.
+    The file, named by the settings (`iw_bounds_file`), holds NaN for images not done yet; a
+    damaged one is started over. `estimator` is that of `CaGeM.iw_bound`.
     """
     os.makedirs(directory, exist_ok=True)
-    path = iw_bounds_file(directory, estimator, num_samples, seed, len(x))
-    values = np.load(path) if os.path.isfile(path) else np.full([len(x)], np.nan, np.float32)
+    path = iw_bounds_file(directory, estimator, num_samples, seed, len(x), batch_size,
+                          chunk_size)
+    values = _load_partial(path, len(x))
+    if values is None:
+        values = np.full([len(x)], np.nan, np.float32)
     bound = tf.function(lambda xb, s: model.iw_bound(xb, num_samples, chunk_size, seed=s,
                                                      estimator=estimator),
                         reduce_retracing=True)

@@ -41,8 +41,11 @@ def evaluate(model_dir, checkpoint=None, iw_samples=(1, 10, 5000), subset=0, bat
         for s in iw_samples:
             values = evaluation.iw_bounds(model, x, s, partial, seed, batch_size, chunk_size,
                                           progress, iw_estimator)
+            path = evaluation.iw_bounds_file(partial, iw_estimator, s, seed, n, batch_size,
+                                             chunk_size)
             results["bounds"][str(s)] = {"mean": float(np.mean(values)),
-                                         "stderr": float(np.std(values) / np.sqrt(n))}
+                                         "stderr": float(np.std(values) / np.sqrt(n)),
+                                         "per_image": os.path.relpath(path, run.path)}
         clusters = evaluation.cluster_report(model, x, y, num_classes, seed)
         if config.labels:
             for key in ("error_p", "error_q", "error_posterior"):
@@ -124,10 +127,14 @@ def per_image_bounds(model_dir: str, samples: int, results: dict | None = None):
     """The per-image IW bounds [N] of a run's last evaluation with `samples` samples."""
     run = rundir.RunDir(model_dir)
     results = results or rundir.read_json(os.path.join(run.evaluation, "results.json"))
-    # Evaluations before per-checkpoint folders kept their bounds in evaluation/partial.
-    directory = run.join(results.get("per_image_bounds", os.path.join("evaluation", "partial")))
-    path = evaluation.iw_bounds_file(directory, results["iw_estimator"], samples,
-                                     results.get("seed", 0), results["images"])
+    bound = results["bounds"].get(str(samples), {})
+    if "per_image" in bound:
+        path = run.join(bound["per_image"])
+    else:  # earlier versions: named without batch and chunk, at first in evaluation/partial
+        directory = run.join(results.get("per_image_bounds",
+                                         os.path.join("evaluation", "partial")))
+        path = os.path.join(directory, f"iw_{results['iw_estimator']}_{samples}_seed"
+                                       f"{results.get('seed', 0)}_n{results['images']}.npy")
     if not os.path.isfile(path):
         raise rundir.RunError(f"{model_dir}: no per-image F_{samples} ({path}); evaluate it "
                               "with the same --eval_iw_samples")

@@ -110,8 +110,14 @@ class Lock:
 
 
 def read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
+    """The JSON value in `path`; a damaged file (not JSON, or not UTF-8) is a RunError that
+    names it."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunError(f"{path} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:80]}); "
+                       "restore it from a copy, or start a new run with --fresh") from None
 
 
 class RunDir:
@@ -227,7 +233,12 @@ def load_model(model_dir: str, checkpoint: str | None = None, precision: str = "
     if not checkpoint or not tf.io.gfile.glob(checkpoint + ".index"):
         raise RunError(f"{model_dir}: checkpoint {checkpoint or '(none yet)'} not found; "
                        "train at least one epoch or pass an existing --checkpoint")
-    model = CaGeM(**{**read_json(run.model), "precision": precision})
+    settings = read_json(run.model)
+    try:
+        model = CaGeM(**{**settings, "precision": precision})
+    except (TypeError, ValueError) as e:
+        raise RunError(f"{run.model} does not describe a model this version builds "
+                       f"({str(e).splitlines()[0][:100]}); use the version that wrote it") from None
     try:
         model.checkpoint_to_read(checkpoint).restore(checkpoint).expect_partial() \
             .assert_existing_objects_matched()

@@ -68,3 +68,43 @@ def test_the_plan_names_the_run_and_warns_of_a_long_cpu_run():
     short = training.plan(Config(epochs=5, hidden_lower=[500], hidden_upper=[256]), arrays,
                           streams, model, 0)
     assert not any("no GPU" in line for line in short)
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"epochs": "10"}, "--epochs '10': must be an integer"),
+    ({"beta": "0.1"}, "--beta '0.1': must be a number"),
+    ({"seed": 1.5}, "--seed 1.5: must be an integer"),
+    ({"epochs": True}, "--epochs True: must be an integer"),
+    ({"skip_connection": 1}, "--skip_connection 1: must be true or false"),
+    ({"precision": "float16"}, "--precision float16: use one of float32, mixed_bfloat16"),
+    ({"data_dir": 3}, "--data_dir 3: must be a string"),
+])
+def test_values_of_the_wrong_type_in_a_config_file_are_one_line_errors(settings, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        Config.from_dict({**Config().to_dict(), **settings})
+    assert "\n" not in str(error.value)
+    assert Config.from_dict({**Config().to_dict(), "beta": 1}).beta == 1.0  # an int is a number
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.json", "labelled_indices.json"])
+def test_a_damaged_run_file_is_a_one_line_error_that_names_it(tmp_path, name):
+    path = tmp_path / name
+    path.write_text('{"epochs": 10, "bet')
+    with pytest.raises(rundir.RunError, match=f"{name} is damaged") as error:
+        rundir.read_json(str(path))
+    assert "\n" not in str(error.value)
+    path.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(rundir.RunError, match="is damaged"):
+        rundir.read_json(str(path))
+
+
+def test_a_model_json_of_another_version_is_a_one_line_error(tmp_path):
+    from cagem_tf.model import CaGeM
+    model = CaGeM(image_shape=(4,), num_clusters=2, z1_dim=1, z2_dim=1, hidden_lower=4,
+                  hidden_upper=4)
+    (tmp_path / "checkpoints").mkdir()
+    model.checkpoint().save(str(tmp_path / "checkpoints" / "ckpt"))
+    (tmp_path / "model.json").write_text(json.dumps({**model.get_config(), "depth": 7}))
+    with pytest.raises(rundir.RunError, match="model.json does not describe") as error:
+        rundir.load_model(str(tmp_path), str(tmp_path / "checkpoints" / "ckpt-1"))
+    assert "\n" not in str(error.value)

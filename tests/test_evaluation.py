@@ -71,6 +71,26 @@ def test_interrupted_evaluation_resumes_to_the_same_result(tmp_path):
     np.testing.assert_array_equal(again, whole)
 
 
+def test_a_resumed_evaluation_with_other_batches_or_chunks_does_not_reuse_the_saved_bounds(
+        tmp_path):
+    model = tiny_cagem()
+    x = _x(30)
+    directory = str(tmp_path / "bounds")
+    first = evaluation.iw_bounds(model, x, 20, directory, batch_size=10, progress=False)
+    for changes in ({"batch_size": 15}, {"batch_size": 10, "chunk_size": 7}):
+        again = evaluation.iw_bounds(model, x, 20, directory, progress=False, **changes)
+        fresh = evaluation.iw_bounds(model, x, 20, str(tmp_path / str(changes)),
+                                     progress=False, **changes)
+        np.testing.assert_array_equal(again, fresh)
+        assert not np.array_equal(again, first), changes  # other draws: not the saved values
+    # A damaged file of saved bounds is started over, not a crash.
+    name = evaluation.iw_bounds_file(directory, "exact", 20, 0, 30, 10, None)
+    with open(name, "wb") as f:
+        f.write(b"not a numpy file")
+    np.testing.assert_array_equal(
+        evaluation.iw_bounds(model, x, 20, directory, batch_size=10, progress=False), first)
+
+
 def _png_shape(path):
     return tuple(tf.io.decode_png(tf.io.read_file(str(path))).shape)
 

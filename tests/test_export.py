@@ -94,7 +94,7 @@ def test_loads_with_tensorflow_alone_and_matches_the_model(model, exported, tmp_
                                          ("log_likelihood_sampled_1000", "sampled", 1000)):
             alone = model.iw_bound(x[i:i + 1], samples, seed=seed, estimator=estimator)
             np.testing.assert_allclose(out[name]["log_likelihood"][i], alone[0], rtol=1e-4)
-    assert out["classify"]["label"] == np.argmax(out["classify"]["p_y"], -1).tolist()
+    assert out["classify"]["label"] == np.argmax(out["classify"]["q_y"], -1).tolist()
     z1, z2 = model.encode(x)
     np.testing.assert_allclose(out["encode"]["z1"], z1, atol=1e-5)
     np.testing.assert_allclose(out["encode"]["z2"], z2, atol=1e-5)

@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from cagem_tf import objective, report, rundir, training
 from cagem_tf.config import Config
+from cagem_tf.model import NETWORKS
 from conftest import clustered_npz, tiny_cagem
 
 SETTINGS = dict(image_shape=(12,), num_clusters=3, z1_dim=3, z2_dim=2, hidden_lower=(32, 32),
@@ -13,7 +14,15 @@ SETTINGS = dict(image_shape=(12,), num_clusters=3, z1_dim=3, z2_dim=2, hidden_lo
 
 
 def _pair():
+    """A float32 model and its bfloat16 copy with the same weights. The log-scale heads are
+    shrunk from tiny_cagem's N(0, 0.5^2): with 32 inputs those give scales of e^-10 and a
+    loss of 10^9 nats, dominated by a few terms that amplify each rounding differently on
+    every instruction set (2.3% off on an AVX2-only CPU); here the loss is tens of nats."""
     full = tiny_cagem(**SETTINGS)
+    for name in NETWORKS:
+        for head in getattr(full, name).heads:
+            if head.name == "log_scale":
+                head.kernel.assign(0.1 * head.kernel)
     mixed = tiny_cagem(**SETTINGS, precision="mixed_bfloat16")
     for a, b in zip(mixed.weights, full.weights):
         a.assign(b)
@@ -33,6 +42,7 @@ def test_mixed_step_agrees_with_float32_and_keeps_densities_in_float32():
     loss, grads, _ = _loss_and_grads(full, x)
     mixed_loss, mixed_grads, terms = _loss_and_grads(mixed, x)
     # bfloat16 keeps 8 bits of mantissa: about 0.4% per rounding.
+    assert 1 < abs(float(loss)) < 1000  # the scale the tolerances are for
     assert abs(float(mixed_loss) - float(loss)) < 0.02 * abs(float(loss))
     flat = tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
     mixed_flat = tf.concat([tf.reshape(g, [-1]) for g in mixed_grads], 0)

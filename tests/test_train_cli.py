@@ -146,13 +146,21 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_npz, tmp_path, m
     run = str(tmp_path / "run")
     config = {"dataset": tiny_npz, "model_dir": run, "epochs": 4,
               "labels": 6, "hidden_lower": [8, 8], "hidden_upper": [8, 8], "z1_dim": 2,
-              "z2_dim": 2, "batch_size": 50, "eval_every": 0, "verbose": 0}
-    exported = []
+              "z2_dim": 2, "batch_size": 50, "eval_every": 2, "eval_iw_samples": 5,
+              "verbose": 0}
+    exported, lines = [], []
     monkeypatch.setattr(serving, "export", lambda model, path, *args: exported.append(path))
     with pytest.raises(training.TrainingError, match="epoch 2.*ckpt-1"):
-        training.train(Config(**config), log=lambda m: None)
+        training.train(Config(**config), log=lines.append)
     assert tf.train.latest_checkpoint(os.path.join(run, "checkpoints")).endswith("ckpt-1")
     assert len(exported) == 1  # after the good first epoch; never the NaN one, nor at the end
+    # The NaN epoch is an evaluation epoch: neither evaluated nor logged to TensorBoard.
+    assert any("nothing of this epoch is logged or evaluated" in line for line in lines)
+    steps = {run_name: {e.step for path in tf.io.gfile.glob(os.path.join(run, "logs", run_name,
+                                                                         "events.*"))
+                        for e in tf.compat.v1.train.summary_iterator(path) if e.summary.value}
+             for run_name in ("train", "eval")}
+    assert steps["train"] == {1} and 2 not in steps["eval"], steps
 
 
 @pytest.mark.parametrize("change,message", [

@@ -53,15 +53,17 @@ class KLWarmup(StepSchedule):
 
 
 class Anneal(StepSchedule):
-    """The model's scalar weight `name` at start * max(0, 1 - t / epochs): linear from `start`
-    to 0 over `epochs` epochs, then 0 for good."""
+    """The model's scalar weight `name` linear from `start` to `end` over `epochs` epochs, then
+    `end` for good: end + (start - end) * max(0, 1 - t / epochs)."""
 
-    def __init__(self, name: str, start: float, epochs: int):
+    def __init__(self, name: str, start: float, epochs: int, end: float = 0.0):
         super().__init__(name, epochs)
-        self.start = start
+        self.start, self.end = start, end
 
     def value(self, t: float) -> float:
-        return self.start * max(0.0, 1.0 - t / self.epochs) if self.epochs > 0 else 0.0
+        if self.epochs <= 0:
+            return self.end
+        return self.end + (self.start - self.end) * max(0.0, 1.0 - t / self.epochs)
 
 
 def step_decay(learning_rate: float, decay: float, decay_epochs: int):
@@ -309,7 +311,7 @@ class Summaries(keras.callbacks.Callback):
                     tf.summary.scalar(key.replace("accuracy", "error"), 1 - float(logs[key]))
             tf.summary.scalar("learning_rate", _scalar(self.model.optimizer.learning_rate))
             tf.summary.scalar("temperature", _scalar(self.model.temperature))
-            tf.summary.scalar("alpha", self.model.alpha)
+            tf.summary.scalar("alpha", _scalar(self.model.label_weight))
             tf.summary.scalar("seconds_per_epoch", seconds)
             tf.summary.scalar("hours_left", hours_left)
         self.train_writer.flush()

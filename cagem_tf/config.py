@@ -52,6 +52,11 @@ class Config:
     labelled_batch_size: int = _field(100, "Labelled examples per step (at most --labels).")
     beta: float = _field(0.1, "alpha = beta * (N_u + N_l) / N_l weighs the labelled "
                          "cross-entropies.")
+    beta_start: float = _field(0.0, "beta at the start of training, moved linearly to --beta "
+                               "over --beta_epochs (the paper's objective with --beta from "
+                               "then on; the paper does not state beta); 0: --beta "
+                               "throughout.")
+    beta_epochs: int = _field(5, "Epochs over which beta moves from --beta_start to --beta.")
     learning_rate: float = _field(1e-3, "Initial Adam learning rate.")
     lr_decay: float = _field(0.75, "Learning rate factor every --lr_decay_epochs.")
     lr_decay_epochs: int = _field(50, "Epochs between decays.")
@@ -177,8 +182,12 @@ class Config:
                 raise ConfigError(f"--{key} {getattr(self, key)}: must be 0 or more")
         if not self.learning_rate > 0 or not 0 < self.lr_decay <= 1:
             raise ConfigError("--learning_rate must be > 0 and --lr_decay in (0, 1]")
-        if not self.beta >= 0:
-            raise ConfigError(f"--beta {self.beta}: must be >= 0")
+        if not self.beta >= 0 or not self.beta_start >= 0:
+            raise ConfigError(f"--beta {self.beta}, --beta_start {self.beta_start}: must be "
+                              ">= 0")
+        if self.beta_start and (self.beta_epochs < 1 or not self.beta):
+            raise ConfigError("--beta_start moves beta to --beta over --beta_epochs: give "
+                              "--beta > 0 and --beta_epochs of 1 or more")
         for key in ("hidden_lower", "hidden_upper", "export_iw_samples"):
             if not getattr(self, key) or min(getattr(self, key)) < 1:
                 raise ConfigError(f"--{key} {getattr(self, key)}: give one or more positive "

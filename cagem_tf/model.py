@@ -33,7 +33,7 @@ METRIC_NAMES = ("loss", "elbo", "log_px", "kl_z1", "kl_z2", "kl_y", "batch_usage
                 "h_p", "h_q", "accuracy_p", "accuracy_q", "alpha", "h_pseudo", "h_z2_code")
 # Variables added after checkpoints were keyed by variable path: a checkpoint of the earlier,
 # positional layout ("weights/<i>") holds all the others, in `weights` order.
-NOT_IN_POSITIONAL_CHECKPOINTS = ("code_weight",)
+NOT_IN_POSITIONAL_CHECKPOINTS = ("code_weight", "label_weight")
 
 
 def _widths(hidden) -> tuple[int, ...]:
@@ -119,6 +119,9 @@ class CaGeM(keras.Model):
                                              name="pseudo_weight")
         self.code_weight = self.add_weight(shape=(), initializer="zeros", trainable=False,
                                            name="code_weight")
+        # alpha as the step sees it: `compile`'s alpha, or a schedule's value on the way to it.
+        self.label_weight = self.add_weight(shape=(), initializer="zeros", trainable=False,
+                                            name="label_weight")
         self.seed_generator = keras.random.SeedGenerator(seed, name="seed_generator")
         self.alpha = 0.0
         self.cluster_usage = self.pseudo_labels = self.z2_code = False
@@ -446,6 +449,7 @@ class CaGeM(keras.Model):
         """
         super().compile(optimizer=optimizer, **kwargs)
         self.alpha = float(alpha)
+        self.label_weight.assign(self.alpha)
         self.cluster_usage, self.pseudo_labels = bool(cluster_usage), bool(pseudo_labels)
         self.z2_code = bool(z2_code)
         self.trackers = {name: keras.metrics.Mean(name=name) for name in METRIC_NAMES}
@@ -521,7 +525,7 @@ class CaGeM(keras.Model):
             if labelled:
                 ce = self._labelled_terms(data["x_labelled"], data["y_labelled"], seed_l,
                                           training=True, collect=False)
-                restricted_loss += self.alpha * (ce["h_p"] + ce["h_q"])
+                restricted_loss += self.label_weight * (ce["h_p"] + ce["h_q"])
             if pseudo:
                 h_pseudo = objective.cross_entropy(
                     tf.nn.log_softmax(terms["q_y_logits"][0]), data["y_pseudo"])
@@ -546,7 +550,7 @@ class CaGeM(keras.Model):
         loss = loss + restricted_loss
         if labelled:
             values.update(ce)
-            values["alpha"] = self.alpha
+            values["alpha"] = tf.identity(self.label_weight)
         if pseudo:
             values["h_pseudo"] = h_pseudo
         if self.z2_code:

@@ -75,7 +75,8 @@ def _labelled_subset(arrays, config: Config, run: rundir.RunDir, resuming: bool)
     return labelled
 
 
-def _callbacks(config: Config, run: rundir.RunDir, checkpoint, arrays, log, chief=True):
+def _callbacks(config: Config, run: rundir.RunDir, checkpoint, arrays, log, chief=True,
+               alpha: float = 0.0):
     """KL warm-up, the departures' schedules, learning-rate decay, NaN stop, checkpoints; on the
     chief also TensorBoard summaries (training, periodic evaluation, settings) and periodic
     exports."""
@@ -86,10 +87,13 @@ def _callbacks(config: Config, run: rundir.RunDir, checkpoint, arrays, log, chie
         callbacks.Anneal("usage_weight", config.cluster_usage, config.departure_epochs),
         callbacks.Anneal("pseudo_weight", config.pseudo_labels, config.departure_epochs),
         callbacks.Anneal("code_weight", config.z2_code, config.departure_epochs),
+        callbacks.Anneal("label_weight", alpha * config.beta_start / config.beta,
+                         config.beta_epochs, end=alpha) if config.beta_start else None,
         keras.callbacks.LearningRateScheduler(schedule),
         keras.callbacks.TerminateOnNaN(),
         checkpoint,
     ]
+    fit_callbacks = [c for c in fit_callbacks if c is not None]
     if not chief:
         return fit_callbacks
     n_eval = min(config.eval_subset, len(arrays.x_test))
@@ -231,7 +235,8 @@ def _train(config: Config, arrays, clusters: int, strategy, log, chief: bool = T
         log(line)
     verbose = config.verbose if config.verbose >= 0 else (1 if sys.stdout.isatty() else 2)
     stop = callbacks.GracefulStop()
-    fit_callbacks = [stop] + _callbacks(config, run, checkpoint, arrays, log, chief)
+    fit_callbacks = [stop] + _callbacks(config, run, checkpoint, arrays, log, chief,
+                                        alpha=model.alpha)
     for callback in fit_callbacks:
         callback.stopper = stop
     with warnings.catch_warnings():

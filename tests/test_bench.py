@@ -103,6 +103,7 @@ def test_per_input_projections_remove_multiply_adds_at_paper_size():
     assert 0.11 < 1 - forward(ours) / forward(tiled) < 0.14
 
 
+@pytest.mark.e2e
 def test_quick_suite_prints_every_table():
     """bench/throughput.py end to end at toy size: every table, one row per measurement."""
     import os

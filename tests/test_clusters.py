@@ -174,3 +174,16 @@ def test_the_z2_code_is_the_cross_entropy_part_of_kl_y():
     expected = np.mean(np.sum(q * -log_p, -1))
     assert float(objective.z2_code(terms)) == pytest.approx(expected, rel=1e-5)
     assert float(np.mean(kl_y)) == pytest.approx(np.mean(-entropy) + expected, rel=1e-4)
+
+
+def test_a_beta_schedule_moves_alpha_to_the_papers_value_and_stays_there():
+    ramp = callbacks.Anneal("label_weight", 50.0, epochs=4, end=10.0)
+    assert ramp.value(0) == 50.0 and ramp.value(2) == pytest.approx(30.0)
+    assert ramp.value(4) == 10.0 and ramp.value(40) == 10.0
+    model = tiny_cagem(num_clusters=2)
+    model.compile(keras.optimizers.SGD(0.1), alpha=10.0)
+    assert float(model.label_weight) == 10.0  # without a schedule: alpha throughout
+    x = (np.random.default_rng(0).random((8, 5)) < 0.5).astype(np.float32)
+    data = {"x": x, "x_labelled": x[:4], "y_labelled": np.array([0, 1, 0, 1])}
+    model.label_weight.assign(50.0)
+    assert float(model.train_step(data)["alpha"]) == 50.0  # the step uses the scheduled value

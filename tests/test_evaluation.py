@@ -151,6 +151,7 @@ def test_evaluate_writes_results(tiny_npz, tmp_path):
     assert "F_10" in open(os.path.join(run, "evaluation", "results.md")).read()
 
 
+@pytest.mark.e2e
 def test_driver_on_two_tiny_configurations(tiny_npz, tmp_path):
     files = []
     for name, labels in (("semi", 6), ("unsup", 0)):
@@ -183,6 +184,7 @@ def test_driver_on_two_tiny_configurations(tiny_npz, tmp_path):
     assert paired[3] == "| unsup | +0.00 ± 0.00 |"  # a run against itself
 
 
+@pytest.mark.e2e
 def test_estimators_cli_reports_bad_input_in_one_line(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
     for args, expected in [

@@ -68,6 +68,7 @@ print("RESULT" + json.dumps(out))
 """
 
 
+@pytest.mark.e2e
 def test_loads_with_tensorflow_alone_and_matches_the_model(model, exported, tmp_path):
     _, path = exported
     x = _images()
@@ -107,6 +108,7 @@ def test_loads_with_tensorflow_alone_and_matches_the_model(model, exported, tmp_
     assert out["same_seed_same_sample"] and out["negative_seed_fresh"]
 
 
+@pytest.mark.e2e
 def test_saved_model_cli_shows_and_runs(exported, tmp_path):
     _, path = exported
     np.save(tmp_path / "x.npy", _images(2))
@@ -150,6 +152,7 @@ def test_second_export_is_a_new_version(model, tmp_path):
     assert sorted(os.listdir(export_dir)) == ["1", "2"]  # no temporary left behind
 
 
+@pytest.mark.e2e
 def test_export_cli_and_sample_tool(model, tmp_path):
     run = tmp_path / "run"
     os.makedirs(run / "checkpoints")
@@ -199,6 +202,7 @@ def _write_png(path, image):
     tf.io.write_file(str(path), tf.io.encode_png(tf.constant(image, tf.uint8)))
 
 
+@pytest.mark.e2e
 def test_own_images_are_converted_and_scored(model, exported, tmp_path):
     _, path = exported
     folder = tmp_path / "mine"

@@ -45,6 +45,7 @@ def _wait_for_checkpoint(run, process, timeout=180):
         time.sleep(0.5)
 
 
+@pytest.mark.e2e
 def test_a_second_process_is_refused_and_a_killed_holder_leaves_no_lock(tiny_npz, tmp_path,
                                                                         processes):
     run = str(tmp_path / "run")
@@ -68,6 +69,7 @@ def test_a_second_process_is_refused_and_a_killed_holder_leaves_no_lock(tiny_npz
     assert f"Resuming {run} after epoch {done}" in out + err
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("signum,name", [(signal.SIGTERM, "SIGTERM"),
                                          (signal.SIGINT, "Ctrl-C (SIGINT)")])
 def test_sigterm_or_ctrl_c_stops_within_seconds_keeping_the_last_finished_epoch(

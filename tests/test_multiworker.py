@@ -16,6 +16,9 @@ import tensorflow as tf
 
 from conftest import clustered_npz
 
+# Real processes and servers: run with -m e2e (see pytest.ini).
+pytestmark = pytest.mark.e2e
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = r"""
 import json, os, sys

@@ -27,6 +27,7 @@ def _env(target):
     return dict(os.environ, PYTHONPATH=str(target), TF_CPP_MIN_LOG_LEVEL="")
 
 
+@pytest.mark.e2e  # pip-installs the package / starts the programs
 def test_installed_package_imports_from_another_directory(installed, tmp_path):
     code = ("import cagem_tf, sys; from cagem_tf import CaGeM, Config; "
             "print(cagem_tf.__file__); print(CaGeM.__name__, Config().epochs)")
@@ -37,6 +38,7 @@ def test_installed_package_imports_from_another_directory(installed, tmp_path):
     assert path.startswith(str(installed)) and names == "CaGeM 1000"
 
 
+@pytest.mark.e2e  # pip-installs the package / starts the programs
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_console_scripts_answer_help_without_tensorflow_log_lines(installed, tmp_path, script):
     result = subprocess.run([str(installed / "bin" / script), "--help"], cwd=tmp_path,
@@ -48,6 +50,7 @@ def test_console_scripts_answer_help_without_tensorflow_log_lines(installed, tmp
     assert "oneDNN" not in first and "cuda" not in first.lower(), first
 
 
+@pytest.mark.e2e  # pip-installs the package / starts the programs
 def test_help_lists_the_thread_flags_of_the_training_program():
     result = subprocess.run([sys.executable, "train/main.py", "--help"], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)

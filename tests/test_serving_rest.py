@@ -19,6 +19,9 @@ import tensorflow as tf
 from cagem_tf import serving
 from conftest import tiny_cagem
 
+# Real processes and servers: run with -m e2e (see pytest.ini).
+pytestmark = pytest.mark.e2e
+
 SHAPE = (6, 6, 1)
 K = 3
 

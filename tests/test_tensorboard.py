@@ -17,6 +17,9 @@ from cagem_tf import training
 from cagem_tf.config import Config
 from conftest import clustered_npz
 
+# Real processes and servers: run with -m e2e (see pytest.ini).
+pytestmark = pytest.mark.e2e
+
 EPOCHS = 3
 
 

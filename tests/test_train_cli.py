@@ -40,6 +40,7 @@ def tags(event_dir):
     return set(acc.Tags()["tensors"])
 
 
+@pytest.mark.e2e
 def test_end_to_end_run(tiny_npz, tmp_path):
     run = str(tmp_path / "run")
     # The thread flags are applied before TensorFlow runs an op (it refuses them afterwards).
@@ -80,6 +81,7 @@ def test_end_to_end_run(tiny_npz, tmp_path):
         np.testing.assert_allclose(exported[i], p_y[0], atol=1e-5)
 
 
+@pytest.mark.e2e
 def test_kill_and_resume_continues_the_epoch_count(tiny_npz, tmp_path):
     run = str(tmp_path / "run")
     args = [f"--dataset={tiny_npz}", f"--model_dir={run}", "--epochs=40", "--eval_every=0",
@@ -184,6 +186,7 @@ def test_bad_settings_fail_before_writing(tiny_npz, tmp_path, change, message):
     assert not os.path.exists(run)
 
 
+@pytest.mark.e2e
 def test_cli_reports_bad_flags_in_one_line(tiny_npz, tmp_path):
     for args, expected in [
         (["--labels=7"], "must be a multiple"),
@@ -248,6 +251,7 @@ print("MIRRORED OK")
 """
 
 
+@pytest.mark.e2e
 def test_mirrored_step_matches_single_device():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="",
                PYTHONPATH=ROOT)

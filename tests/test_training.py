@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from cagem_tf import CaGeM, objective
+from cagem_tf.model import NOT_IN_POSITIONAL_CHECKPOINTS
 from conftest import tiny_cagem
 
 REPRESENTATION_NETS = ("q_z1", "q_z2", "p_z1", "p_x")
@@ -194,3 +195,27 @@ def test_fused_batch_norm_matches_keras_batch_normalization():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(ours.moving_mean, keras_bn.moving_mean, atol=1e-6)
     np.testing.assert_allclose(ours.moving_variance, keras_bn.moving_variance, rtol=1e-5)
+
+
+def test_checkpoints_restore_by_variable_path_and_earlier_positional_ones_still_read(tmp_path):
+    trained, fresh = tiny_cagem(seed=3), tiny_cagem(seed=4)
+    trained.code_weight.assign(0.5)
+    assert any(not np.array_equal(a, b) for a, b in zip(trained.get_weights(),
+                                                        fresh.get_weights()))
+    path = trained.checkpoint().save(str(tmp_path / "named" / "ckpt"))
+    keys = [name for name, _ in tf.train.list_variables(path)]
+    assert any(k.startswith("variables/q_z1") for k in keys)  # by path, not by position
+    fresh.checkpoint_to_read(path).restore(path).assert_existing_objects_matched()
+    for a, b in zip(trained.weights, fresh.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    # The layout of earlier versions: a list in `weights` order without the newer variables.
+    earlier = tiny_cagem(seed=5)
+    newer = tuple("/" + name for name in NOT_IN_POSITIONAL_CHECKPOINTS)
+    old = tf.train.Checkpoint(weights=[v for v in trained.weights
+                                       if not v.path.endswith(newer)])
+    old_path = old.save(str(tmp_path / "positional" / "ckpt"))
+    earlier.checkpoint_to_read(old_path).restore(old_path).assert_existing_objects_matched()
+    for a, b in zip(trained.weights, earlier.weights):
+        if not a.path.endswith(newer):
+            np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    assert float(earlier.code_weight) == 0.0

@@ -8,7 +8,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from cagem_tf import clustering, rundir
+from cagem_tf import clustering, files
 from cagem_tf.model import IW_CHUNK
 
 tfd = tfp.distributions
@@ -75,7 +75,7 @@ def periodic_metrics(model, x, y, iw_samples: int, seed: int = 0, batch_size: in
 
 
 def _save_atomic(path: str, array) -> None:
-    rundir.write_file(path, lambda f: np.save(f, array), mode="wb")
+    files.write_file(path, lambda f: np.save(f, array), mode="wb")
 
 
 def iw_bounds_file(directory: str, estimator: str, num_samples: int, seed: int, n: int,

@@ -6,6 +6,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from cagem_tf import files
+
 
 def grid(images, columns: int):
     """images [N,H,W,1] in [0,1] -> one image [rows*H, columns*W, 1]; missing cells are black."""
@@ -94,10 +96,7 @@ def write_projector(directory: str, embeddings: dict, columns: dict):
     os.makedirs(directory, exist_ok=True)
 
     def write(name, text):
-        tmp = os.path.join(directory, f".{name}.tmp{os.getpid()}")
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(directory, name))
+        files.write_file(os.path.join(directory, name), lambda f: f.write(text))
 
     names = list(columns)
     rows = zip(*[np.asarray(columns[c]).tolist() for c in names])
@@ -117,7 +116,8 @@ def write_projector(directory: str, embeddings: dict, columns: dict):
 def save_png(image, path: str) -> None:
     """An image [H,W,C] in [0,1] (C = 1 or 3) as a PNG file (TensorFlow's encoder)."""
     data = tf.cast(tf.round(tf.clip_by_value(image, 0.0, 1.0) * 255), tf.uint8)
-    tf.io.write_file(path, tf.io.encode_png(data))
+    png = tf.io.encode_png(data).numpy()
+    files.write_file(path, lambda f: f.write(png), mode="wb")
 
 
 def z2_mesh(model, per_side: int = 10, extent: float = 2.5, seed=(0, 0)):
@@ -149,8 +149,7 @@ def pca_plot(means, labels, path: str, title: str) -> None:
     ax.set_title(title)
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    _save_figure(plt, fig, path)
 
 
 def likelihood_vs_labels(rows, path: str) -> None:
@@ -164,5 +163,14 @@ def likelihood_vs_labels(rows, path: str) -> None:
     ax.set_xlabel("labelled examples")
     ax.set_ylabel("test log-likelihood bound (nats)")
     ax.legend()
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    _save_figure(plt, fig, path)
+
+
+def _save_figure(plt, fig, path: str) -> None:
+    """A matplotlib figure as a PNG file, written whole or not at all; the figure is closed
+    either way."""
+    try:
+        files.write_file(path, lambda f: fig.savefig(f, format="png", dpi=100,
+                                                     bbox_inches="tight"), mode="wb")
+    finally:
+        plt.close(fig)

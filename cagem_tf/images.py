@@ -58,7 +58,12 @@ def _array_images(x: np.ndarray, shape, what: str) -> np.ndarray:
     if tuple(x.shape[1:]) != tuple(shape):
         raise ImageError(f"{what}: images of shape {tuple(x.shape[1:])}, the model takes "
                          f"{tuple(shape)}; resize them first or give PNG/JPEG files")
+    if not len(x):
+        raise ImageError(f"{what}: holds no image")
     x = x.astype(np.float32)
+    if not np.isfinite(x).all() or x.min() < 0 or x.max() > 255:
+        raise ImageError(f"{what}: values from {np.nanmin(x):g} to {np.nanmax(x):g}; give "
+                         "intensities 0-255 or floats in [0, 1]")
     return x / 255.0 if x.max() > 1.0 else x
 
 
@@ -91,6 +96,8 @@ def load(path: str, shape) -> Loaded:
         raise ImageError(f"{path}: no such file or folder")
     if path.endswith(".npz"):
         with np.load(path) as arrays:
+            if not arrays.files:
+                raise ImageError(f"{path}: the .npz holds no array; give one of images [N,H,W]")
             key = next((k for k in ("x_test", "x") if k in arrays), None) or arrays.files[0]
             x = _array_images(arrays[key], shape, f"{path}:{key}")
         return Loaded([f"{key}[{i}]" for i in range(len(x))], x, {}, {})

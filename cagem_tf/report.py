@@ -11,7 +11,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from cagem_tf import evaluation, figures, rundir
+from cagem_tf import evaluation, figures, files, rundir
 
 CLUSTER_KEYS = ("clusters_used", "mutual_information", "mean_entropy", "occupancy", "purity",
                 "nmi", "ari", "cluster_by_label", "agreement_pq", "cross_entropy_p_y")
@@ -56,8 +56,8 @@ def evaluate(model_dir, checkpoint=None, iw_samples=(1, 10, 5000), subset=0, bat
                                       "agreement_pq", "cross_entropy_p_y"))}
         latent = evaluation.latent_summary(model, x, seed)
         results.update({k: v for k, v in latent.items() if not k.endswith("_means")})
-        rundir.write_json(os.path.join(run.evaluation, "results.json"), results)
-        rundir.write_file(os.path.join(run.evaluation, "results.md"),
+        files.write_json(os.path.join(run.evaluation, "results.json"), results)
+        files.write_file(os.path.join(run.evaluation, "results.md"),
                           lambda f: f.write(markdown(results)))
         if figures_too:
             write_figures(model, x, y, latent, clusters, run, seed, figures_dir)
@@ -126,7 +126,7 @@ def write_figures(model, x, y, latent, clusters, run: rundir.RunDir, seed, out_d
 def per_image_bounds(model_dir: str, samples: int, results: dict | None = None):
     """The per-image IW bounds [N] of a run's last evaluation with `samples` samples."""
     run = rundir.RunDir(model_dir)
-    results = results or rundir.read_json(os.path.join(run.evaluation, "results.json"))
+    results = results or files.read_json(os.path.join(run.evaluation, "results.json"))
     bound = results["bounds"].get(str(samples), {})
     if "per_image" in bound:
         path = run.join(bound["per_image"])

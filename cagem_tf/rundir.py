@@ -16,7 +16,6 @@ reading back of a finished run (its model, its scored images).
 import errno
 import fcntl
 import hashlib
-import json
 import os
 import socket
 import time
@@ -24,6 +23,7 @@ import time
 import tensorflow as tf
 
 from cagem_tf import data
+from cagem_tf.files import FileError, read_json, write_file, write_json  # noqa: F401
 from cagem_tf.config import MAY_CHANGE, Config, ConfigError
 from cagem_tf.model import CaGeM
 
@@ -34,35 +34,6 @@ LABELLED = "labelled_indices.json"
 
 class RunError(ValueError):
     """A run directory that cannot be used as asked; the message says what to do."""
-
-
-def write_json(path: str, value) -> None:
-    """`write_file` of the JSON text of `value`."""
-    write_file(path, lambda f: (json.dump(value, f, indent=2, sort_keys=True), f.write("\n")))
-
-
-def write_file(path: str, write, mode: str = "w") -> None:
-    """write(f) into a temporary file, renamed into place: never half-written. A write that
-    fails (a full disk, a read-only directory) leaves the old file as it was and raises
-    RunError naming the file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        # newline="": lines are written as given (what the csv module needs).
-        with open(tmp, mode, **({} if "b" in mode else {"newline": ""})) as f:
-            write(f)
-        os.replace(tmp, path)
-    except OSError as e:
-        _remove_quietly(tmp)
-        raise RunError(f"could not write {path} ({os.strerror(e.errno) if e.errno else e}); "
-                       "what was there before is unchanged: free space or fix the permissions "
-                       "and rerun") from None
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.remove(path)
-    except OSError:
-        pass
 
 
 class Lock:
@@ -107,17 +78,6 @@ class Lock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
-
-
-def read_json(path: str):
-    """The JSON value in `path`; a damaged file (not JSON, or not UTF-8) is a RunError that
-    names it."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunError(f"{path} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:80]}); "
-                       "restore it from a copy, or start a new run with --fresh") from None
 
 
 class RunDir:

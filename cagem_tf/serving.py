@@ -141,7 +141,11 @@ def export(model, export_dir: str, keep: int = 0, iw_samples=IW_SAMPLES) -> str:
     sees a half-written version and an existing version is never overwritten. keep > 0 then
     removes all but the newest `keep` versions (TF Serving serves the newest by itself).
     """
-    os.makedirs(export_dir, exist_ok=True)
+    try:
+        os.makedirs(export_dir, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"--export_dir {export_dir}: cannot create it ({os.strerror(e.errno)}); "
+                          "give a folder you can write") from None
     version = next_version(export_dir)
     final = os.path.join(export_dir, str(version))
     tmp = os.path.join(export_dir, f".tmp-{version}-{os.getpid()}")

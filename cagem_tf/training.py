@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cagem_tf import callbacks, clustering, data, objective, rundir, serving
+from cagem_tf import callbacks, clustering, data, files, objective, rundir, serving
 from cagem_tf.config import MAY_CHANGE, Config
 from cagem_tf.model import CaGeM
 
@@ -67,11 +67,11 @@ def _labelled_subset(arrays, config: Config, run: rundir.RunDir, resuming: bool)
     labelled = data.labelled_indices(arrays.y_train, config.labels, arrays.num_classes,
                                      config.seed)
     if resuming and os.path.isfile(run.labelled):
-        if rundir.read_json(run.labelled) != labelled.tolist():
+        if files.read_json(run.labelled) != labelled.tolist():
             raise rundir.RunError(f"{run.labelled} differs from the subset that --seed selects "
                                   "now (the data set changed?); add --fresh to start over")
     else:
-        rundir.write_json(run.labelled, labelled.tolist())
+        files.write_json(run.labelled, labelled.tolist())
     return labelled
 
 
@@ -223,7 +223,7 @@ def _train(config: Config, arrays, clusters: int, strategy, log, chief: bool = T
                                                scratch=scratch)
         initial_epoch = checkpoint.restore()
     if chief:
-        rundir.write_json(run.model, {k: v for k, v in model.get_config().items()
+        files.write_json(run.model, {k: v for k, v in model.get_config().items()
                                       if k != "synchronized_bn"})
     if initial_epoch:
         log(f"Resuming {run.path} after epoch {initial_epoch}")

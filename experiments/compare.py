@@ -16,7 +16,7 @@ import time
 
 from absl import app, flags
 
-from cagem_tf import cli, figures, report, rundir
+from cagem_tf import cli, figures, files, report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,7 +74,7 @@ def main(argv):
     table = report.comparison_table(rows, samples)
     if FLAGS.baseline:
         table += "\n" + report.paired_table(run_dirs, FLAGS.baseline, int(max(samples, key=int)))
-    rundir.write_file(os.path.join(FLAGS.out, "comparison.md"), lambda f: f.write(table))
+    files.write_file(os.path.join(FLAGS.out, "comparison.md"), lambda f: f.write(table))
     figures.likelihood_vs_labels(
         [(r["labels"], {s: r["bounds"][s]["mean"] for s in samples}) for _, r in rows],
         os.path.join(FLAGS.out, "likelihood_vs_labels.png"))

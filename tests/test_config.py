@@ -90,11 +90,11 @@ def test_values_of_the_wrong_type_in_a_config_file_are_one_line_errors(settings,
 def test_a_damaged_run_file_is_a_one_line_error_that_names_it(tmp_path, name):
     path = tmp_path / name
     path.write_text('{"epochs": 10, "bet')
-    with pytest.raises(rundir.RunError, match=f"{name} is damaged") as error:
+    with pytest.raises(rundir.FileError, match=f"{name} is damaged") as error:
         rundir.read_json(str(path))
     assert "\n" not in str(error.value)
     path.write_bytes(b"\xff\xfe\x00")
-    with pytest.raises(rundir.RunError, match="is damaged"):
+    with pytest.raises(rundir.FileError, match="is damaged"):
         rundir.read_json(str(path))
 
 

@@ -240,3 +240,18 @@ def test_bad_stream_settings():
         data.streams(arrays, np.zeros([0], np.int64), batch_size=0)
     with pytest.raises(data.DataError, match="--validation"):
         data.hold_out(arrays, 30, seed=0)
+
+
+def test_own_images_that_cannot_be_scored_are_one_line_errors(tmp_path):
+    from cagem_tf import images
+    np.savez(tmp_path / "empty.npz")
+    np.savez(tmp_path / "none.npz", x=np.zeros([0, 4, 4], np.uint8))
+    np.savez(tmp_path / "negative.npz", x=np.full([2, 4, 4], -0.5, np.float32))
+    np.savez(tmp_path / "nan.npz", x=np.full([2, 4, 4], np.nan, np.float32))
+    for name, message in (("empty.npz", "holds no array"), ("none.npz", "holds no image"),
+                          ("negative.npz", "values from -0.5"), ("nan.npz", "give intensities")):
+        with pytest.raises(images.ImageError, match=message) as error:
+            images.load(str(tmp_path / name), (4, 4, 1))
+        assert "\n" not in str(error.value)
+    np.savez(tmp_path / "fine.npz", x=np.full([2, 4, 4], 255, np.uint8))
+    assert images.load(str(tmp_path / "fine.npz"), (4, 4, 1)).x.max() == 1.0

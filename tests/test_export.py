@@ -176,6 +176,18 @@ def test_export_cli_and_sample_tool(model, tmp_path):
                           "--label=7", f"--out={out}"], cwd=ROOT, env=_env(),
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "values in [0, 3)" in bad.stderr.splitlines()[-1]
+    (tmp_path / "a_file").write_text("")
+    for script, args, message in (
+            ("sample.py", [f"--saved_model={run}/export/1", f"--out={tmp_path}/no/grid.png"],
+             "create it first"),
+            ("sample.py", [f"--saved_model={run}/export/1", "--seed=2147483000"],
+             "must fit in int32"),
+            ("main.py", [f"--model_dir={run}", f"--export_dir={tmp_path}/a_file/export"],
+             "cannot create it")):
+        bad = subprocess.run([sys.executable, f"export/{script}", *args], cwd=ROOT, env=_env(),
+                             capture_output=True, text=True, timeout=300)
+        assert bad.returncode != 0 and message in bad.stderr.splitlines()[-1], bad.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "no")
 
 
 def test_restored_checkpoint_gives_the_trained_weights(model, tmp_path):
@@ -239,9 +251,13 @@ def test_own_images_are_converted_and_scored(model, exported, tmp_path):
     lines = [json.loads(line) for line in open(tmp_path / "s.jsonl")]
     assert len(lines) == 3 and len(lines[0]["z2"]) == 2 and "log_likelihood_1000" in lines[0]
     os.makedirs(tmp_path / "empty")
+    np.savez(tmp_path / "blank.npz")
     for args, message in ((f"--images={tmp_path / 'empty'}", "no PNG or JPEG files"),
-                          (f"--images={tmp_path / 'nothing'}", "no such file or folder")):
+                          (f"--images={tmp_path / 'nothing'}", "no such file or folder"),
+                          (f"--images={tmp_path / 'blank.npz'}", "holds no array"),
+                          (f"--batch_size=0 --images={folder}",
+                           "--batch_size 0: must be at least 1")):
         bad = subprocess.run([sys.executable, "export/classify.py", f"--saved_model={path}",
-                              args], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                              *args.split(" ")], cwd=ROOT, env=_env(), capture_output=True, text=True,
                              timeout=300)
         assert bad.returncode != 0 and message in bad.stderr.splitlines()[-1]

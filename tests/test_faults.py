@@ -190,12 +190,12 @@ def test_a_full_disk_while_writing_the_config_or_an_evaluation_keeps_the_old_fil
     path = str(tmp_path / "config.json")
     rundir.write_json(path, {"labels": 20})
     monkeypatch.setattr(json, "dump", _full_disk)
-    with pytest.raises(rundir.RunError, match=r"could not write .*config.json \(No space left "
+    with pytest.raises(rundir.FileError, match=r"could not write .*config.json \(No space left "
                        r"on device\); what was there before is unchanged"):
         rundir.write_json(path, {"labels": 50})
     assert json.load(open(path)) == {"labels": 20}
     monkeypatch.setattr(np, "save", _full_disk)
-    with pytest.raises(rundir.RunError, match="could not write .*iw.npy"):
+    with pytest.raises(rundir.FileError, match="could not write .*iw.npy"):
         from cagem_tf import evaluation
         evaluation._save_atomic(str(tmp_path / "iw.npy"), np.zeros(3))
     assert sorted(os.listdir(tmp_path)) == ["config.json"]

@@ -64,6 +64,6 @@ def start(argv, hint: str = "") -> None:
 
 def user_errors() -> tuple:
     """The exceptions whose message is a one-line answer to bad input."""
-    from cagem_tf import config, data, rundir, serving, training
+    from cagem_tf import config, data, files, rundir, serving, training
     return (config.ConfigError, data.DataError, rundir.RunError, training.TrainingError,
-            serving.ExportError)
+            serving.ExportError, files.FileError)

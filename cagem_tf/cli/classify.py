@@ -49,7 +49,9 @@ def main(argv):
     cli.start(argv)
     import numpy as np
     import tensorflow as tf
-    from cagem_tf import images, rundir
+    from cagem_tf import files, images
+    if FLAGS.batch_size < 1:
+        sys.exit(f"error: --batch_size {FLAGS.batch_size}: must be at least 1")
     path = _saved_model_path()
     try:
         model = tf.saved_model.load(path)
@@ -67,6 +69,7 @@ def main(argv):
         sys.exit(f"error: {e}")
     for file, problem in loaded.errors.items():
         print(f"skipped {file}: {problem}", file=sys.stderr)
+
     x = images.binarize(loaded.x, FLAGS.seed) if FLAGS.binarize else loaded.x
     rows = []
     for start in range(0, len(x), FLAGS.batch_size):
@@ -95,8 +98,8 @@ def main(argv):
                              *row["q_y"], *row["z2"], f"{row[name]:.4f}", row["note"]])
 
     try:
-        rundir.write_file(FLAGS.out, write)
-    except rundir.RunError as e:
+        files.write_file(FLAGS.out, write)
+    except files.FileError as e:
         sys.exit(f"error: {e}")
     print(f"wrote {len(rows)} rows to {FLAGS.out}"
           + (f"; skipped {len(loaded.errors)} files" if loaded.errors else ""))

@@ -67,8 +67,11 @@ class Lock:
                 from None
         os.ftruncate(fd, 0)
         stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-        os.write(fd, f"PID {os.getpid()} on {socket.gethostname()} ({self.purpose}) since "
-                     f"{stamp}\n".encode())
+        try:
+            os.write(fd, f"PID {os.getpid()} on {socket.gethostname()} ({self.purpose}) "
+                         f"since {stamp}\n".encode())
+        except OSError:  # a full disk: the flock holds all the same, unnamed
+            pass
         self.fd = fd
         return self
 

@@ -65,13 +65,6 @@ def test_y_init_stddev_sets_the_first_layer_weights_of_y():
     assert float(np.std(model.q_z1.projections[0].kernel.numpy())) < 1.0
 
 
-def _step_change(model, data):
-    before = [v.numpy().copy() for v in model.trainable_variables]
-    model.train_step(data)
-    return {v.path: not np.array_equal(b, v.numpy())
-            for b, v in zip(before, model.trainable_variables)}
-
-
 def test_pseudo_labels_train_only_the_classifier_networks():
     model = tiny_cagem(num_clusters=2)
     model.compile(keras.optimizers.SGD(0.1), pseudo_labels=True)
@@ -107,10 +100,20 @@ def test_departures_anneal_to_zero_and_then_leave_the_papers_objective():
     assert float(out_a["loss"]) == pytest.approx(float(out_b["loss"]))
     for va, vb in zip(with_term.trainable_variables, without.trainable_variables):
         np.testing.assert_allclose(va.numpy(), vb.numpy(), atol=1e-6)
-    with_term.usage_weight.assign(1.0)
-    usage = objective.batch_usage(with_term.latent_terms(x, 1, seed=tf.constant([0, 1]))[
-        "q_y_logits"])
-    assert 0.0 <= float(usage) <= np.log(2) + 1e-6
+    # With a positive weight the step moves the model towards a more even use of y: the
+    # gradient of the bonus alone (the same step with and without it) raises the batch usage.
+    a, b = tiny_cagem(num_clusters=2), tiny_cagem(num_clusters=2)
+    a.compile(keras.optimizers.SGD(0.01), cluster_usage=True)
+    b.compile(keras.optimizers.SGD(0.01))
+    a.usage_weight.assign(20.0)
+    usage = lambda m: float(objective.batch_usage(  # noqa: E731
+        m.latent_terms(x, 4, seed=tf.constant([0, 1]))["q_y_logits"]))
+    c = tiny_cagem(num_clusters=2)
+    c.compile(keras.optimizers.SGD(0.01), cluster_usage=True)
+    c.usage_weight.assign(-20.0)  # the same bonus with the sign flipped: a penalty
+    for model in (a, b, c):
+        model.train_step({"x": x})
+    assert usage(a) > usage(b) > usage(c)
 
 
 def test_seeded_kmeans_gives_every_labelled_image_its_class_and_aligns_clusters_with_classes():

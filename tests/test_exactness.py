@@ -111,9 +111,13 @@ def test_bounds_are_ordered(model, exact):
         return bounds.mean(0), bounds.std(0) / np.sqrt(repeats)
 
     parts = model.elbo(x, num_samples=20000, seed=tf.constant([9, 9]))
-    terms = model.latent_terms(x, 20000, tf.constant([9, 9]))
-    per_sample_elbo = objective.elbo(terms)["elbo"].numpy()
-    np.testing.assert_allclose(parts["elbo"].numpy(), per_sample_elbo, rtol=1e-6)
+    per_sample_elbo = parts["elbo"].numpy()
+    # The analytic sum over y against plain Monte Carlo of E_q[log p(x,y,z1,z2) - log q] with
+    # y drawn (sampled_log_weights): the same ELBO by another route, up to its noise.
+    drawn = objective.sampled_log_weights(model.sampled_terms(x, 20000, tf.constant([8, 8])))
+    drawn = drawn.numpy()
+    np.testing.assert_allclose(per_sample_elbo, drawn.mean(0),
+                               atol=4 * drawn.std(0).max() / np.sqrt(20000) + 1e-3)
     iw1, se1 = mean_bound(1, 20000, [1, 1])
     iw10, se10 = mean_bound(10, 2000, [2, 2])
     iw1000, se1000 = mean_bound(1000, 40, [3, 3])

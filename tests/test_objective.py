@@ -65,9 +65,18 @@ def test_elbo_parts_and_temperature():
     x = np.random.default_rng(1).integers(0, 2, size=(6, 5)).astype(np.float32)
     terms = model.latent_terms(x, 2, seed=tf.constant([1, 1]))
     parts = objective.elbo(terms, temperature=0.25)
-    kl = parts["kl_z1"] + parts["kl_z2"] + parts["kl_y"]
-    np.testing.assert_allclose(parts["elbo"], parts["log_px"] - kl, rtol=1e-6)
-    np.testing.assert_allclose(parts["objective"], parts["log_px"] - 0.25 * kl, rtol=1e-6)
+    # Each part by hand from the enumerated terms: q(y) [K,S,B] weights, mean over S.
+    q = np.transpose(tf.nn.softmax(terms["q_y_logits"]).numpy(), [2, 0, 1])
+    expect = lambda t: np.mean(np.sum(q * np.asarray(t), 0), 0)  # noqa: E731
+    log_px = expect(terms["log_p_x"])
+    kl_z1 = np.mean(terms["log_q_z1"], 0) - expect(terms["log_p_z1"])
+    kl_z2 = expect(terms["kl_z2"])
+    kl_y = expect(np.log(q) - np.asarray(terms["log_p_y"]))
+    for name, value in (("log_px", log_px), ("kl_z1", kl_z1), ("kl_z2", kl_z2), ("kl_y", kl_y)):
+        np.testing.assert_allclose(parts[name], value, rtol=1e-5, atol=1e-5, err_msg=name)
+    kl = kl_z1 + kl_z2 + kl_y
+    np.testing.assert_allclose(parts["elbo"], log_px - kl, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(parts["objective"], log_px - 0.25 * kl, rtol=1e-5, atol=1e-5)
     assert np.all(parts["kl_z2"].numpy() > 0)  # an analytic KL
 
 

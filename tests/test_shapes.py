@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_probability as tfp
 
 from conftest import tiny_cagem
 
@@ -12,6 +13,11 @@ K, D, D1, D2, B, S = 3, 5, 4, 2, 7, 6
 @pytest.fixture(scope="module")
 def model():
     return tiny_cagem(num_clusters=K, z1_dim=D1, z2_dim=D2)
+
+
+def _loc_scale(out):
+    loc, log_scale = out
+    return loc, tf.exp(log_scale)
 
 
 def _x(n=B):
@@ -101,8 +107,25 @@ def test_image_shape_is_kept():
 def test_one_cluster_is_a_two_layer_vae():
     """K=1: q(y|z1,x) = p(y|z2) = 1, so kl_y = 0 and the ELBO is that of a two-layer VAE."""
     model = tiny_cagem(num_clusters=1)
-    parts = model.elbo(_x(), num_samples=3, seed=tf.constant([0, 0]))
+    x = _x()
+    parts = model.elbo(x, num_samples=3, seed=tf.constant([0, 0]))
     np.testing.assert_allclose(parts["kl_y"], 0.0, atol=1e-6)
+    # The ELBO of the two-layer VAE p(x|z1) p(z1|z2) p(z2), q(z2|x,z1) q(z1|x), written out
+    # with TFP densities on the same draws: log p(x|z1) + log p(z1|z2) - log q(z1|x) - KL(z2).
+    tfd = tfp.distributions
+    terms = model.latent_terms(x, 3, seed=tf.constant([0, 0]))
+    z1, z2 = terms["z1"], terms["z2"][0]                                   # [S,B,d1], [S,B,d2]
+    one = tf.ones([*z1.shape[:2], 1])
+    flat = model.flatten(x)
+    q_z1 = tfd.MultivariateNormalDiag(*_loc_scale(model.q_z1([flat])))
+    q_z2 = tfd.MultivariateNormalDiag(*_loc_scale(model.q_z2(model.q_z2_inputs(
+        one, z1, flat * tf.ones([z1.shape[0], 1, 1])))))
+    p_z1 = tfd.MultivariateNormalDiag(*_loc_scale(model.p_z1([one, z2])))
+    p_x = tfd.Independent(tfd.Bernoulli(logits=model.p_x([one, z1])), 1)
+    p_z2 = tfd.MultivariateNormalDiag(tf.zeros(z2.shape[-1]))
+    vae = (p_x.log_prob(flat) + p_z1.log_prob(z1) - q_z1.log_prob(z1)
+           - tfd.kl_divergence(q_z2, p_z2))
+    np.testing.assert_allclose(parts["elbo"], tf.reduce_mean(vae, 0), rtol=1e-4, atol=1e-4)
 
 
 def test_different_number_of_clusters_unsupervised():

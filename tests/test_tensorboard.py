@@ -54,7 +54,7 @@ def server(run):
         deadline = time.time() + 90
         while True:
             if process.poll() is not None:
-                pytest.skip(f"TensorBoard did not start: {process.stderr.read()[-500:]}")
+                pytest.fail(f"TensorBoard did not start: {process.stderr.read()[-500:]}")
             try:
                 runs = json.load(urllib.request.urlopen(f"{url}/data/runs", timeout=5))
                 if {"train", "eval"} <= set(runs):
@@ -62,7 +62,7 @@ def server(run):
             except (urllib.error.URLError, ConnectionError, OSError):
                 pass
             if time.time() > deadline:
-                pytest.skip("TensorBoard did not answer within 90 s")
+                pytest.fail("TensorBoard did not answer with the train and eval runs within 90 s")
             time.sleep(0.5)
         yield url
     finally:

@@ -3,7 +3,7 @@ dynamically binarized streams CaGeM trains on.
 
 Images are kept as uint8 [N,H,W,1] intensities (ink bright) and binarized in the tf.data graph:
 each time a training image is drawn, x ~ Bernoulli(intensity / 255). The test set is binarized
-once with a fixed seed (the LVAE/Parmesan protocol) unless asked otherwise.
+once with a fixed seed (the LVAE/Parmesan protocol).
 """
 
 import dataclasses

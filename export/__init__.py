@@ -1,1 +1,2 @@
-"""SavedModel export of trained CaGeM models (see saved_model.py) and its command-line tools."""
+"""The checkout's scripts for SavedModels: main.py (cagem-export), sample.py (cagem-sample),
+classify.py (cagem-classify); the export itself is cagem_tf.serving's."""

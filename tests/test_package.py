@@ -2,6 +2,7 @@
 
 import ast
 import os
+import re
 import subprocess
 import sys
 
@@ -83,3 +84,30 @@ def test_the_library_never_imports_a_program():
             for name in names:
                 assert name.split(".")[0] not in ("train", "export", "bench", "experiments"), \
                     (path, name)
+
+
+def test_each_module_imports_only_the_modules_above_it_in_docs_architecture():
+    table = open(os.path.join(ROOT, "docs", "architecture.md")).read()
+    layers = re.findall(r"^\| `(\w+)` \|", table, re.M)
+    assert len(layers) >= 15 and "files" in layers and layers[-1] == "cli"
+    rank = {name: i for i, name in enumerate(layers)}
+    for path in _python_files("cagem_tf"):
+        parts = os.path.relpath(path, os.path.join(ROOT, "cagem_tf")).split(os.sep)
+        mine = os.path.splitext(parts[0])[0]
+        if mine == "__init__":
+            continue
+        assert mine in rank, f"{mine} is not in docs/architecture.md's table"
+        for node in ast.walk(ast.parse(open(path).read())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module and \
+                    node.module.startswith("cagem_tf"):
+                names = [node.module.split(".")[1]] if "." in node.module else \
+                    [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name.split(".")[1] for a in node.names
+                         if a.name.startswith("cagem_tf.")]
+            for name in names:
+                if name == "CaGeM":  # the package's export of model.CaGeM
+                    name = "model"
+                if name != mine:
+                    assert rank[name] < rank[mine], f"{path} imports {name}, which is not above it"

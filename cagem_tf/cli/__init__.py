@@ -1,7 +1,8 @@
 """The command-line programs (absl) and what they share.
 
 One module per program: `train` (cagem-train), `evaluate` (cagem-evaluate), `export`
-(cagem-export), `sample` (cagem-sample). Each parses flags and calls the library; the scripts
+(cagem-export), `sample` (cagem-sample), `classify` (cagem-classify). Each parses flags and
+calls the library; the scripts
 in train/ and export/ of a checkout and the console scripts of an installed package run them.
 """
 

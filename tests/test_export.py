@@ -263,3 +263,24 @@ def test_own_images_are_converted_and_scored(model, exported, tmp_path):
                               *args.split(" ")], cwd=ROOT, env=_env(), capture_output=True, text=True,
                              timeout=300)
         assert bad.returncode != 0 and message in bad.stderr.splitlines()[-1]
+
+
+def test_every_signature_answers_a_row_in_a_batch_as_it_answers_it_alone(exported):
+    """What TF Serving's server-side batching relies on: a row's answer never depends on the
+    rows batched with it."""
+    _, path = exported
+    loaded = tf.saved_model.load(path)
+    x = tf.constant(_images(4, seed=3))
+    y, seed = tf.constant([2, 0, 1, 2], tf.int32), tf.constant([5, 6, 7, 8], tf.int32)
+    inputs = {"sample": {"seed": seed}, "sample_class": {"y": y, "seed": seed}}
+    assert set(loaded.signatures) >= {"classify", "sample", "sample_class", "encode",
+                                      "reconstruct", "log_likelihood_200",
+                                      "log_likelihood_sampled_200"}
+    for name, signature in loaded.signatures.items():
+        args = inputs.get(name, {"x": x})
+        batched = signature(**args)
+        for i in range(4):
+            alone = signature(**{k: v[i:i + 1] for k, v in args.items()})
+            for key, value in batched.items():
+                np.testing.assert_allclose(alone[key].numpy()[0], value.numpy()[i],
+                                           rtol=1e-5, atol=1e-6, err_msg=f"{name}:{key}")

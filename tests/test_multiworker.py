@@ -143,3 +143,30 @@ def test_a_killed_worker_stops_the_job_and_a_rerun_resumes(tiny_npz, tmp_path, p
     assert f"Resuming {run} after epoch {done}" in outputs[0][0] + outputs[0][1]
     assert tf.train.latest_checkpoint(os.path.join(run, "checkpoints")).endswith(
         f"ckpt-{done + 1}")
+
+
+def _threads(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("Threads:")).split()[1])
+
+
+def test_a_thousand_steps_with_the_defaults_keep_the_thread_count_bounded(tiny_npz, tmp_path,
+                                                                            processes):
+    # With a collective timeout TensorFlow kept a thread waiting per collective: ~1,400 more
+    # a second until the workers aborted. The default has none.
+    run = str(tmp_path / "run")
+    settings = _settings(tiny_npz, run, epochs=10, batch_size=4)  # 100 steps an epoch
+    settings.pop("collective_timeout", None)
+    workers = _cluster(settings, tmp_path, processes)
+    counts = []
+    while any(w.poll() is None for w in workers):
+        try:
+            counts.append(max(_threads(w.pid) for w in workers if w.poll() is None))
+        except (OSError, ValueError, StopIteration):
+            pass
+        time.sleep(1)
+    for worker in workers:
+        out, err = worker.communicate()
+        assert worker.returncode == 0, err[-3000:]
+    assert tf.train.latest_checkpoint(os.path.join(run, "checkpoints")).endswith("ckpt-10")
+    assert len(counts) > 5 and max(counts) < 400, counts

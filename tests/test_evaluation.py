@@ -237,3 +237,23 @@ def test_a_vae_run_trains_and_evaluates_with_cluster_use_but_no_classifier(tiny_
     assert results["clusters"] == 1 and results["cluster_use"]["clusters_used"] == 1
     assert results["cluster_use"]["occupancy"] == [40]
     assert "error_p" not in results and "h_p" not in results["cluster_use"]
+
+
+def test_a_labelled_run_with_seeded_pseudo_labels_and_the_beta_schedule_trains_and_reports_errors(
+        tiny_npz, tmp_path):
+    run = str(tmp_path / "semi")
+    lines = []
+    config = Config(dataset=tiny_npz, model_dir=run, epochs=2, labels=6, pseudo_labels=1.0,
+                    departure_epochs=1, beta=0.01, beta_start=0.1, beta_epochs=1,
+                    hidden_lower=[8], hidden_upper=[8], z1_dim=2, z2_dim=2, eval_every=0,
+                    verbose=0, export_every=0, export_iw_samples=[10])
+    logs = training.train(config, log=lines.append)
+    assert any("k-means seeded by the 6 labelled images" in line for line in lines)
+    # After the schedule: the paper's alpha with beta 0.01 (300 images, 6 labelled).
+    assert logs["alpha"] == pytest.approx(0.01 * (300 + 6) / 6, rel=1e-6)
+    results = report.evaluate(run, iw_samples=(5,), subset=40, batch_size=20, progress=False,
+                              figures_too=False, log=lambda m: None)
+    for key in ("error_p", "error_q", "error_posterior"):
+        assert key in results, key
+    assert "error p(y|x), the model's posterior (IS-100)" in open(
+        os.path.join(run, "evaluation", "results.md")).read()

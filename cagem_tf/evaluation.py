@@ -181,9 +181,12 @@ POSTERIOR_SAMPLES = 100  # importance samples of the model's own p(y|x) in evalu
 
 
 def posterior_probs(model, x, num_samples: int = POSTERIOR_SAMPLES, seed: int = 0,
-                    batch_size: int = 100):
-    """The generative model's own p(y|x) [N,K] (`CaGeM.posterior_log_probs`), by batches."""
-    fn = tf.function(lambda xb, s: model.posterior_log_probs(xb, num_samples, seed=s))
+                    batch_size: int = 50, chunk_size: int = 20):
+    """The generative model's own p(y|x) [N,K] (`CaGeM.posterior_log_probs`), by batches of
+    images and chunks of samples: a chunk holds K x chunk x batch images' p(x|y,z1) (40 MB at
+    K = 10 and 784 pixels)."""
+    fn = tf.function(lambda xb, s: model.posterior_log_probs(xb, num_samples, chunk_size,
+                                                             seed=s))
     return np.concatenate([
         np.exp(fn(x[start:start + batch_size], tf.constant([seed, 2000 + i])).numpy())
         for i, start in enumerate(range(0, len(x), batch_size))])

@@ -404,29 +404,35 @@ class CaGeM(keras.Model):
             mine.assign(theirs)
         return self._twin
 
-    def checkpoint(self, positional: bool = False, **others) -> tf.train.Checkpoint:
+    def checkpoint(self, positional: bool = False, skip=(), **others) -> tf.train.Checkpoint:
         """A tf.train.Checkpoint of every variable of the model (and of `others`), each under
         its path ("q_z1/input_0/kernel"; the model's own as "model/<name>"), so that a
         checkpoint restores by name whatever the order of the variables.
 
         Keras 3 does not expose layers kept in lists as checkpoint dependencies, so the
         variables are listed explicitly. `positional`: the layout of earlier versions, a list
-        in `weights` order without `NOT_IN_POSITIONAL_CHECKPOINTS`, to read their checkpoints.
+        in `weights` order without `NOT_IN_POSITIONAL_CHECKPOINTS`, to read their checkpoints;
+        `skip`: paths left out (newer scalars a checkpoint to be read does not hold).
         """
         if positional:
             return tf.train.Checkpoint(weights=[
                 v for v in self.weights
                 if v.path.split("/")[-1] not in NOT_IN_POSITIONAL_CHECKPOINTS
                 or not v.path.startswith(self.name + "/")], **others)
-        return tf.train.Checkpoint(variables=self.variables_by_path(), **others)
+        return tf.train.Checkpoint(variables={p: v for p, v in self.variables_by_path().items()
+                                              if p not in skip}, **others)
 
     def checkpoint_to_read(self, path: str, **others) -> tf.train.Checkpoint:
         """`checkpoint(**others)` in the layout of the checkpoint file `path` (its prefix):
         by path, or positional for an earlier version's."""
-        keys = [name for name, _ in tf.train.list_variables(path)]
+        keys = {name for name, _ in tf.train.list_variables(path)}
         positional = any(k.startswith("weights/") for k in keys) and \
             not any(k.startswith("variables/") for k in keys)
-        return self.checkpoint(positional=positional, **others)
+        # A checkpoint by path from before a newer scalar of the model existed: that scalar
+        # keeps the value compile or its schedule gives it.
+        missing = tuple(f"model/{name}" for name in NOT_IN_POSITIONAL_CHECKPOINTS
+                        if f"variables/model.S{name}/.ATTRIBUTES/VARIABLE_VALUE" not in keys)
+        return self.checkpoint(positional=positional, skip=missing, **others)
 
     def variables_by_path(self) -> dict:
         """{path: variable} of every variable; the model's own under "model/" rather than

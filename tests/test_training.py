@@ -219,3 +219,11 @@ def test_checkpoints_restore_by_variable_path_and_earlier_positional_ones_still_
         if not a.path.endswith(newer):
             np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
     assert float(earlier.code_weight) == 0.0
+    # A checkpoint by path written before label_weight existed still reads.
+    before = tf.train.Checkpoint(variables={
+        p: v for p, v in trained.variables_by_path().items() if p != "model/label_weight"})
+    before_path = before.save(str(tmp_path / "before" / "ckpt"))
+    later = tiny_cagem(seed=6)
+    later.checkpoint_to_read(before_path).restore(before_path).assert_existing_objects_matched()
+    np.testing.assert_array_equal(later.q_z1.heads[0].kernel.numpy(),
+                                  trained.q_z1.heads[0].kernel.numpy())

@@ -134,6 +134,7 @@ def _tiny_flags(labels):
             "--z2_dim=2", "--batch_size=100", "--epochs=1", "--eval_every=0", "--verbose=0"]
 
 
+@pytest.mark.e2e  # a whole training run or export
 def test_evaluate_writes_results(tiny_npz, tmp_path):
     run = str(tmp_path / "run")
     config = {"dataset": tiny_npz, "model_dir": run, "epochs": 1,
@@ -207,6 +208,7 @@ def test_estimators_cli_reports_bad_input_in_one_line(tmp_path):
                 and expected in line], result.stderr[-2000:]
 
 
+@pytest.mark.e2e  # a whole training run or export
 def test_a_later_checkpoint_is_scored_anew_not_from_the_earlier_ones_bounds(tiny_npz, tmp_path):
     run = str(tmp_path / "run")
     config = {"dataset": tiny_npz, "model_dir": run, "epochs": 1, "labels": 6,
@@ -225,6 +227,7 @@ def test_a_later_checkpoint_is_scored_anew_not_from_the_earlier_ones_bounds(tiny
     np.testing.assert_allclose(later, fresh, rtol=1e-5)
 
 
+@pytest.mark.e2e  # a whole training run or export
 def test_a_vae_run_trains_and_evaluates_with_cluster_use_but_no_classifier(tiny_npz, tmp_path):
     run = str(tmp_path / "vae")
     config = Config(dataset=tiny_npz, model_dir=run, epochs=1, labels=0, clusters=1,
@@ -239,6 +242,7 @@ def test_a_vae_run_trains_and_evaluates_with_cluster_use_but_no_classifier(tiny_
     assert "error_p" not in results and "h_p" not in results["cluster_use"]
 
 
+@pytest.mark.e2e  # a whole training run or export
 def test_a_labelled_run_with_seeded_pseudo_labels_and_the_beta_schedule_trains_and_reports_errors(
         tiny_npz, tmp_path):
     run = str(tmp_path / "semi")

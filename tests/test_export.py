@@ -142,6 +142,7 @@ def test_bad_inputs_name_the_expected_shape_or_range(loaded, signature, kwargs, 
         loaded.signatures[signature](**kwargs)
 
 
+@pytest.mark.e2e  # a whole training run or export
 def test_second_export_is_a_new_version(model, tmp_path):
     export_dir = str(tmp_path / "serve")
     first = serving.export(model, export_dir)
@@ -265,6 +266,7 @@ def test_own_images_are_converted_and_scored(model, exported, tmp_path):
         assert bad.returncode != 0 and message in bad.stderr.splitlines()[-1]
 
 
+@pytest.mark.e2e  # a whole training run or export
 def test_every_signature_answers_a_row_in_a_batch_as_it_answers_it_alone(exported):
     """What TF Serving's server-side batching relies on: a row's answer never depends on the
     rows batched with it."""

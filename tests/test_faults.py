@@ -98,6 +98,7 @@ def test_sigterm_or_ctrl_c_stops_within_seconds_keeping_the_last_finished_epoch(
     assert again.returncode == 0 and f"after epoch {done}" in out + err, err[-3000:]
 
 
+@pytest.mark.e2e  # a whole training run or export
 def test_a_damaged_checkpoint_is_moved_aside_and_the_previous_one_used(tiny_npz, tmp_path):
     run = str(tmp_path / "run")
     config = Config(dataset=tiny_npz, model_dir=run, epochs=3, **TINY)
@@ -125,6 +126,7 @@ def _full_disk(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
+@pytest.mark.e2e  # a whole training run or export
 def test_a_full_disk_while_checkpointing_stops_with_the_last_checkpoint_intact(
         tiny_npz, tmp_path, monkeypatch):
     run = str(tmp_path / "run")
@@ -167,6 +169,7 @@ def test_a_worker_whose_scratch_checkpoint_fails_leaves_the_chiefs_files(tmp_pat
     assert all(path.read_text() == "the chief's" for path in written)
 
 
+@pytest.mark.e2e  # a whole training run or export
 def test_a_full_disk_while_exporting_keeps_the_earlier_versions(tmp_path, monkeypatch):
     model = tiny_cagem(image_shape=(4,), num_clusters=2)
     export_dir = str(tmp_path / "export")

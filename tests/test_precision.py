@@ -68,6 +68,7 @@ def test_the_float32_twin_computes_in_float32_with_the_same_weights():
     np.testing.assert_array_equal(twin.q_z1.heads[0].bias, mixed.q_z1.heads[0].bias)
 
 
+@pytest.mark.e2e  # a whole training run or export
 def test_a_tiny_mixed_run_trains_exports_evaluates_and_keeps_its_precision(tmp_path):
     data = clustered_npz(tmp_path / "tiny.npz", 6, 300, 60)
     config = Config(dataset=data, model_dir=str(tmp_path / "run"), labels=6, epochs=2,

@@ -106,6 +106,7 @@ def test_kill_and_resume_continues_the_epoch_count(tiny_npz, tmp_path):
         f"ckpt-{done + 1}")
 
 
+@pytest.mark.e2e  # a whole training run or export
 def test_changed_flag_on_resume_is_refused_and_fresh_keeps_the_old_run(tiny_npz, tmp_path):
     run = str(tmp_path / "run")
     config = {"dataset": tiny_npz, "model_dir": run, "epochs": 1,
@@ -124,6 +125,7 @@ def test_changed_flag_on_resume_is_refused_and_fresh_keeps_the_old_run(tiny_npz,
     assert json.load(open(os.path.join(run, "config.json")))["beta"] == 0.2
 
 
+@pytest.mark.e2e  # a whole training run or export
 def test_one_seed_repeats_a_run_and_another_seed_does_not(tiny_npz, tmp_path):
     config = {"dataset": tiny_npz, "epochs": 1, "labels": 6, "hidden_lower": [8],
               "hidden_upper": [8], "z1_dim": 2, "z2_dim": 2, "batch_size": 100,
@@ -137,6 +139,7 @@ def test_one_seed_repeats_a_run_and_another_seed_does_not(tiny_npz, tmp_path):
     assert other["loss"] != pytest.approx(first["loss"], rel=1e-3)
 
 
+@pytest.mark.e2e  # a whole training run or export
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_npz, tmp_path, monkeypatch):
     original = model_lib.CaGeM.train_step
 

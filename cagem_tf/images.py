@@ -61,8 +61,11 @@ def _array_images(x: np.ndarray, shape, what: str) -> np.ndarray:
     if not len(x):
         raise ImageError(f"{what}: holds no image")
     x = x.astype(np.float32)
-    if not np.isfinite(x).all() or x.min() < 0 or x.max() > 255:
-        raise ImageError(f"{what}: values from {np.nanmin(x):g} to {np.nanmax(x):g}; give "
+    if not np.isfinite(x).all():
+        raise ImageError(f"{what}: values that are not finite (NaN or inf); give intensities "
+                         "0-255 or floats in [0, 1]")
+    if x.min() < 0 or x.max() > 255:
+        raise ImageError(f"{what}: values from {x.min():g} to {x.max():g}; give "
                          "intensities 0-255 or floats in [0, 1]")
     return x / 255.0 if x.max() > 1.0 else x
 

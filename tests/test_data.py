@@ -249,7 +249,7 @@ def test_own_images_that_cannot_be_scored_are_one_line_errors(tmp_path):
     np.savez(tmp_path / "negative.npz", x=np.full([2, 4, 4], -0.5, np.float32))
     np.savez(tmp_path / "nan.npz", x=np.full([2, 4, 4], np.nan, np.float32))
     for name, message in (("empty.npz", "holds no array"), ("none.npz", "holds no image"),
-                          ("negative.npz", "values from -0.5"), ("nan.npz", "give intensities")):
+                          ("negative.npz", "values from -0.5"), ("nan.npz", "not finite")):
         with pytest.raises(images.ImageError, match=message) as error:
             images.load(str(tmp_path / name), (4, 4, 1))
         assert "\n" not in str(error.value)

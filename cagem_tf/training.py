@@ -257,7 +257,9 @@ def _train(config: Config, arrays, clusters: int, strategy, log, chief: bool = T
                             "rerun to resume from it, or add --fresh with a lower "
                             "--learning_rate to start over")
     every = config.export_every
-    if chief and initial_epoch < config.epochs and not (every and config.epochs % every == 0):
+    # PeriodicExport has exported the last epoch when it is the first or a multiple of `every`.
+    exported = every and (config.epochs % every == 0 or config.epochs == 1)
+    if chief and initial_epoch < config.epochs and not exported:
         path = serving.export(model.float32_twin(), run.export, config.keep_exports,
                               config.export_iw_samples)
         log(f"exported {path}")

@@ -410,17 +410,14 @@ class CaGeM(keras.Model):
         checkpoint restores by name whatever the order of the variables.
 
         Keras 3 does not expose layers kept in lists as checkpoint dependencies, so the
-        variables are listed explicitly. `positional`: the layout of earlier versions, a list
-        in `weights` order without `NOT_IN_POSITIONAL_CHECKPOINTS`, to read their checkpoints;
-        `skip`: paths left out (newer scalars a checkpoint to be read does not hold).
+        variables are listed explicitly. `skip`: paths left out (newer scalars a checkpoint to
+        be read does not hold); `positional`: the layout of earlier versions, a list in
+        `weights` order, to read their checkpoints (`checkpoint_to_read` picks both).
         """
+        kept = {p: v for p, v in self.variables_by_path().items() if p not in skip}
         if positional:
-            return tf.train.Checkpoint(weights=[
-                v for v in self.weights
-                if v.path.split("/")[-1] not in NOT_IN_POSITIONAL_CHECKPOINTS
-                or not v.path.startswith(self.name + "/")], **others)
-        return tf.train.Checkpoint(variables={p: v for p, v in self.variables_by_path().items()
-                                              if p not in skip}, **others)
+            return tf.train.Checkpoint(weights=list(kept.values()), **others)
+        return tf.train.Checkpoint(variables=kept, **others)
 
     def checkpoint_to_read(self, path: str, **others) -> tf.train.Checkpoint:
         """`checkpoint(**others)` in the layout of the checkpoint file `path` (its prefix):
@@ -428,10 +425,10 @@ class CaGeM(keras.Model):
         keys = {name for name, _ in tf.train.list_variables(path)}
         positional = any(k.startswith("weights/") for k in keys) and \
             not any(k.startswith("variables/") for k in keys)
-        # A checkpoint by path from before a newer scalar of the model existed: that scalar
-        # keeps the value compile or its schedule gives it.
+        # Scalars newer than the checkpoint keep the value compile or a schedule gives them.
         missing = tuple(f"model/{name}" for name in NOT_IN_POSITIONAL_CHECKPOINTS
-                        if f"variables/model.S{name}/.ATTRIBUTES/VARIABLE_VALUE" not in keys)
+                        if positional or
+                        f"variables/model.S{name}/.ATTRIBUTES/VARIABLE_VALUE" not in keys)
         return self.checkpoint(positional=positional, skip=missing, **others)
 
     def variables_by_path(self) -> dict:

@@ -96,23 +96,25 @@ def kmeans(x, k: int, seed: int = 0, iterations: int = 30) -> np.ndarray:
     return _lloyd(x, np.stack(centres), iterations)
 
 
-def _nearest(x, centres):
-    """Index [N] of the nearest centre [K,D] of each row of x [N,D] (squared Euclidean)."""
-    return np.argmin(np.sum(x * x, 1)[:, None] - 2 * x @ centres.T + np.sum(centres ** 2, 1), 1)
+def _nearest(x, squared, centres):
+    """Index [N] of the nearest centre [K,D] of each row of x [N,D] (squared Euclidean;
+    `squared` [N] holds the rows' squared norms)."""
+    return np.argmin(squared[:, None] - 2 * x @ centres.T + np.sum(centres ** 2, 1), 1)
 
 
 def _lloyd(x, centres, iterations: int, fixed=None) -> np.ndarray:
     """Lloyd's iterations from `centres`; `fixed` (index [M], cluster [M]) keeps those rows in
     their clusters whatever the nearest centre. Returns the final assignment [N]."""
+    squared = np.sum(x * x, 1)
     for _ in range(iterations):
-        assign = _nearest(x, centres)
+        assign = _nearest(x, squared, centres)
         if fixed is not None:
             assign[fixed[0]] = fixed[1]
         for j in range(len(centres)):
             members = x[assign == j]
             if len(members):
                 centres[j] = members.mean(0)
-    assign = _nearest(x, centres)
+    assign = _nearest(x, squared, centres)
     if fixed is not None:
         assign[fixed[0]] = fixed[1]
     return assign

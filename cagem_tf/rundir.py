@@ -23,7 +23,7 @@ import time
 import tensorflow as tf
 
 from cagem_tf import data
-from cagem_tf.files import FileError, read_json, write_file, write_json  # noqa: F401
+from cagem_tf.files import read_json, write_json
 from cagem_tf.config import MAY_CHANGE, Config, ConfigError
 from cagem_tf.model import CaGeM
 

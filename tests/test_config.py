@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from cagem_tf import rundir
+from cagem_tf import files, rundir
 from cagem_tf.config import Config, ConfigError
 
 
@@ -90,12 +90,12 @@ def test_values_of_the_wrong_type_in_a_config_file_are_one_line_errors(settings,
 def test_a_damaged_run_file_is_a_one_line_error_that_names_it(tmp_path, name):
     path = tmp_path / name
     path.write_text('{"epochs": 10, "bet')
-    with pytest.raises(rundir.FileError, match=f"{name} is damaged") as error:
-        rundir.read_json(str(path))
+    with pytest.raises(files.FileError, match=f"{name} is damaged") as error:
+        files.read_json(str(path))
     assert "\n" not in str(error.value)
     path.write_bytes(b"\xff\xfe\x00")
-    with pytest.raises(rundir.FileError, match="is damaged"):
-        rundir.read_json(str(path))
+    with pytest.raises(files.FileError, match="is damaged"):
+        files.read_json(str(path))
 
 
 def test_a_model_json_of_another_version_is_a_one_line_error(tmp_path):

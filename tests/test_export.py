@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cagem_tf import rundir, serving
+from cagem_tf import files, rundir, serving
 from conftest import tiny_cagem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -157,7 +157,7 @@ def test_second_export_is_a_new_version(model, tmp_path):
 def test_export_cli_and_sample_tool(model, tmp_path):
     run = tmp_path / "run"
     os.makedirs(run / "checkpoints")
-    rundir.write_json(str(run / rundir.MODEL), model.get_config())
+    files.write_json(str(run / rundir.MODEL), model.get_config())
     model.checkpoint().save(str(run / "checkpoints" / "ckpt"))
     result = subprocess.run([sys.executable, "export/main.py", f"--model_dir={run}"], cwd=ROOT,
                             env=_env(), capture_output=True, text=True, timeout=300)
@@ -194,7 +194,7 @@ def test_export_cli_and_sample_tool(model, tmp_path):
 def test_restored_checkpoint_gives_the_trained_weights(model, tmp_path):
     run = tmp_path / "run"
     os.makedirs(run / "checkpoints")
-    rundir.write_json(str(run / rundir.MODEL), model.get_config())
+    files.write_json(str(run / rundir.MODEL), model.get_config())
     model.checkpoint().save(str(run / "checkpoints" / "ckpt"))
     restored = rundir.load_model(str(run))
     for a, b in zip(model.variables, restored.variables):
@@ -204,7 +204,7 @@ def test_restored_checkpoint_gives_the_trained_weights(model, tmp_path):
 def test_checkpoint_of_another_model_is_refused_in_one_line(model, tmp_path):
     run = tmp_path / "run"
     os.makedirs(run / "checkpoints")
-    rundir.write_json(str(run / rundir.MODEL), {**model.get_config(), "z1_dim": 5})
+    files.write_json(str(run / rundir.MODEL), {**model.get_config(), "z1_dim": 5})
     model.checkpoint().save(str(run / "checkpoints" / "ckpt"))
     with pytest.raises(rundir.RunError, match="does not hold the variables") as error:
         rundir.load_model(str(run))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cagem_tf import callbacks, rundir, serving, training
+from cagem_tf import callbacks, files, rundir, serving, training
 from cagem_tf.config import Config
 from conftest import clustered_npz, tiny_cagem
 
@@ -191,14 +191,14 @@ def test_a_full_disk_while_exporting_keeps_the_earlier_versions(tmp_path, monkey
 def test_a_full_disk_while_writing_the_config_or_an_evaluation_keeps_the_old_file(
         tmp_path, monkeypatch):
     path = str(tmp_path / "config.json")
-    rundir.write_json(path, {"labels": 20})
+    files.write_json(path, {"labels": 20})
     monkeypatch.setattr(json, "dump", _full_disk)
-    with pytest.raises(rundir.FileError, match=r"could not write .*config.json \(No space left "
+    with pytest.raises(files.FileError, match=r"could not write .*config.json \(No space left "
                        r"on device\); what was there before is unchanged"):
-        rundir.write_json(path, {"labels": 50})
+        files.write_json(path, {"labels": 50})
     assert json.load(open(path)) == {"labels": 20}
     monkeypatch.setattr(np, "save", _full_disk)
-    with pytest.raises(rundir.FileError, match="could not write .*iw.npy"):
+    with pytest.raises(files.FileError, match="could not write .*iw.npy"):
         from cagem_tf import evaluation
         evaluation._save_atomic(str(tmp_path / "iw.npy"), np.zeros(3))
     assert sorted(os.listdir(tmp_path)) == ["config.json"]

@@ -11,17 +11,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cagem_tf import evaluation, figures, rundir, serving
+from cagem_tf import evaluation, figures, metrics, rundir, serving
 
 
 class StepSchedule(keras.callbacks.Callback):
-    """Sets the model's scalar variable `name` to value(t) before every step, t = epoch +
-    step / steps_per_epoch, for the first `epochs` epochs (then once per epoch, at its end
-    value)."""
+    """Sets the scalar `variable` (one the model's step reads) to value(t) before every step,
+    t = epoch + step / steps_per_epoch, for the first `epochs` epochs (then once per epoch, at
+    its end value). `name`: what summaries call it (default: the variable's name)."""
 
-    def __init__(self, name: str, epochs: int):
+    def __init__(self, variable, epochs: int, name: str | None = None):
         super().__init__()
-        self.name, self.epochs = name, epochs
+        self.variable, self.epochs = variable, epochs
+        self.name = name or variable.name.split("/")[-1].split(":")[0]
         self.epoch = 0
 
     def value(self, t: float) -> float:
@@ -29,12 +30,12 @@ class StepSchedule(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
-        getattr(self.model, self.name).assign(self.value(epoch))
+        self.variable.assign(self.value(epoch))
 
     def on_train_batch_begin(self, batch, logs=None):
         steps = self.params.get("steps")
         if steps and self.epoch < self.epochs:
-            getattr(self.model, self.name).assign(self.value(self.epoch + batch / steps))
+            self.variable.assign(self.value(self.epoch + batch / steps))
 
 
 class KLWarmup(StepSchedule):
@@ -45,19 +46,20 @@ class KLWarmup(StepSchedule):
     throughout (with no KL cost at all, q(z1|x) drifts arbitrarily far from p(z1|y,z2)).
     """
 
-    def __init__(self, warmup_epochs: int):
-        super().__init__("temperature", warmup_epochs)
+    def __init__(self, temperature, warmup_epochs: int):
+        super().__init__(temperature, warmup_epochs)
 
     def value(self, t: float) -> float:
         return 1.0 if self.epochs <= 0 else min(1.0, t / self.epochs)
 
 
 class Anneal(StepSchedule):
-    """The model's scalar weight `name` linear from `start` to `end` over `epochs` epochs, then
+    """The scalar weight `variable` linear from `start` to `end` over `epochs` epochs, then
     `end` for good: end + (start - end) * max(0, 1 - t / epochs)."""
 
-    def __init__(self, name: str, start: float, epochs: int, end: float = 0.0):
-        super().__init__(name, epochs)
+    def __init__(self, variable, start: float, epochs: int, end: float = 0.0,
+                 name: str | None = None):
+        super().__init__(variable, epochs, name)
         self.start, self.end = start, end
 
     def value(self, t: float) -> float:
@@ -111,11 +113,6 @@ def _scalar(variable) -> float:
     return float(tf.convert_to_tensor(variable))
 
 
-def _stopping(callback) -> bool:
-    stopper = getattr(callback, "stopper", None)
-    return bool(stopper and stopper.requested)
-
-
 class EpochCheckpoint(keras.callbacks.Callback):
     """A tf.train checkpoint of the model, the optimizer (whose step count seeds the training
     noise, see `CaGeM.train_step`) and the epoch count at the end of every epoch whose loss is
@@ -124,17 +121,18 @@ class EpochCheckpoint(keras.callbacks.Callback):
     TensorFlow writes the checkpoint files before it updates the index, so a process killed at
     any moment leaves the previous checkpoint intact. An epoch with a NaN or inf loss is never
     saved: `bad_epoch` records it and the last good checkpoint stays the latest. An epoch cut
-    short by a signal (`stopper`) is not saved either. A checkpoint that cannot be written (a
-    full disk) stops training with `write_error` set; its partial files are removed.
+    short by a signal (`stop`, the run's `GracefulStop`) is not saved either; `saved_epoch` is
+    the last epoch saved (None before any). A checkpoint that cannot be written (a full disk)
+    stops training with `write_error` set; its partial files are removed.
     `restore` falls back from a damaged checkpoint to the newest one that restores completely.
     `scratch`: a non-chief worker saves there (saving is collective) and removes it; it never
     moves the chief's files.
     """
 
     def __init__(self, directory: str, model, keep: int = 3, log=print,
-                 scratch: str | None = None):
+                 scratch: str | None = None, stop: GracefulStop | None = None):
         super().__init__()
-        self.directory, self.log, self.scratch = directory, log, scratch
+        self.directory, self.log, self.scratch, self.stop = directory, log, scratch, stop
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         model.optimizer.build(model.trainable_variables)
         self.others = {"optimizer": model.optimizer, "epoch": self.epoch}
@@ -142,7 +140,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.checkpoint = model.checkpoint(**self.others)
         self.keep = keep
         self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=keep)
-        self.bad_epoch = self.write_error = self.stopper = None
+        self.bad_epoch = self.write_error = self.saved_epoch = None
 
     def _set_aside(self, path: str, reason: str) -> None:
         """Moves the files of checkpoint `path` into checkpoints/damaged/ (never deletes)."""
@@ -187,7 +185,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         return 0
 
     def on_epoch_end(self, epoch, logs=None):
-        if _stopping(self):
+        if self.stop is not None and self.stop.requested:
             return
         loss = (logs or {}).get("loss")
         if loss is None or not math.isfinite(float(loss)):
@@ -214,11 +212,14 @@ class EpochCheckpoint(keras.callbacks.Callback):
                                 f"checkpoint ({self.manager.latest_checkpoint or 'none yet'}) is "
                                 "intact: free space and rerun the same command to resume")
             self.model.stop_training = True
+        else:
+            self.saved_epoch = epoch + 1
 
 
 class PeriodicExport(keras.callbacks.Callback):
     """A SavedModel after the first epoch and then every `every` epochs, after the epoch's
-    checkpoint, and never for an epoch that `checkpoint` refused (a NaN or inf loss); keeps the
+    checkpoint, and only for an epoch that `checkpoint` saved (not one with a NaN or inf loss,
+    cut short by a signal, or whose checkpoint could not be written); keeps the
     newest `keep` versions (0: all). Exports compute in float32 whatever the training
     precision."""
 
@@ -230,8 +231,7 @@ class PeriodicExport(keras.callbacks.Callback):
         self.checkpoint, self.log = checkpoint, log
 
     def on_epoch_end(self, epoch, logs=None):
-        if _stopping(self) or self.checkpoint.bad_epoch is not None or \
-                self.checkpoint.write_error:
+        if self.checkpoint.saved_epoch != epoch + 1:
             return
         if (epoch + 1) % self.every == 0 or epoch == 0:
             path = serving.export(self.model.float32_twin(), self.export_dir, self.keep,
@@ -239,34 +239,30 @@ class PeriodicExport(keras.callbacks.Callback):
             self.log(f"exported {path}")
 
 
-# Training logs -> TensorBoard tags shared with the evaluation run, so that the two overlay.
-TRAIN_TAGS = {"elbo": "elbo", "log_px": "log_px", "kl_z1": "kl_z1", "kl_z2": "kl_z2",
-              "kl_y": "kl_y", "h_p": "h_p", "h_q": "h_q", "loss": "loss",
-              "batch_usage": "batch_usage", "h_pseudo": "h_pseudo", "h_z2_code": "h_z2_code"}
-
-
 class Summaries(keras.callbacks.Callback):
     """Every TensorBoard summary of a training run, on one step axis: the number of epochs
-    done (1 after the first epoch). Two runs hold the same tag for the same quantity, so that
+    done (1 after the first epoch), each scalar under its section's tag (`metrics.tag`:
+    likelihood/elbo, kl/kl_z1, clusters/nmi, classifier/error_q, schedule/temperature, ...).
+    The runs logs/train and logs/eval hold the same tag for the same quantity, so that
     TensorBoard overlays training and evaluation:
 
-    logs/train, every epoch: the epoch's means of the training terms (elbo, log_px, kl_z1,
-      kl_z2, kl_y, loss, batch_usage; with labels h_p, h_q and the batch errors error_p,
-      error_q), learning_rate, temperature, alpha, seconds_per_epoch, hours_left.
-    logs/eval, every `eval_every` epochs (and at the last), on the fixed images `x_eval`
-      (`evaluation.periodic_metrics`): elbo and its terms, iw_bound, with labels error_p,
-      error_q, h_p, h_q, agreement_pq, cross_entropy_p_y, error_posterior, h_posterior;
-      active units, cluster use
-      (`evaluation.cluster_report`: clusters_used, mutual_information, mean_entropy, purity,
-      nmi, ari) with occupancy and cluster-by-label charts, per-unit KL histograms, image grids
-      of samples, class-conditional samples and reconstructions, and the Projector's z2 and z1
-      means with their label, cluster and epoch.
+    logs/train, every epoch: what the step returned (`CaGeM.metrics`: the epoch's means of the
+      ELBO's terms, loss, batch_usage; with labels h_p, h_q, the batch errors error_p,
+      error_q, alpha), the learning rate, the value of every schedule's variable
+      (`schedules`) at the epoch's end, seconds_per_epoch and hours_left.
+    logs/eval, every `eval_every` epochs (and at the last), on the fixed images `x_eval`: the
+      scalars of `evaluation.periodic_metrics` (elbo and its terms, iw_bound, active units)
+      and of `evaluation.cluster_report` (cluster use; with labels the classifiers'
+      `CLASSIFIER_KEYS`), occupancy and cluster-by-label charts, per-unit KL histograms,
+      image grids of samples, class-conditional samples and reconstructions, and the
+      Projector's z2 and z1 means with their label, cluster and epoch.
     logs (the run's root): the run's settings for the HParams dashboard, written once.
+    An epoch cut short by `stop` or with a NaN loss writes nothing.
     """
 
     def __init__(self, run: rundir.RunDir, x_eval, y_eval, num_classes: int, eval_every: int,
                  iw_samples: int, epochs: int, report_errors: bool, seed: int = 0, log=print,
-                 hparams: dict | None = None):
+                 hparams: dict | None = None, schedules=(), stop: GracefulStop | None = None):
         super().__init__()
         self.run = run
         self.train_writer = tf.summary.create_file_writer(run.logs("train"))
@@ -274,7 +270,7 @@ class Summaries(keras.callbacks.Callback):
         self.x_eval, self.y_eval, self.num_classes = x_eval, y_eval, num_classes
         self.eval_every, self.iw_samples, self.epochs = eval_every, iw_samples, epochs
         self.report_errors, self.seed, self.log = report_errors, seed, log
-        self.hparams = hparams
+        self.hparams, self.schedules, self.stop = hparams, tuple(schedules), stop
         self.started = self.epoch_started = None
         self.epochs_timed = 0
 
@@ -289,7 +285,7 @@ class Summaries(keras.callbacks.Callback):
         self.epoch_started = time.time()
 
     def on_epoch_end(self, epoch, logs=None):
-        if _stopping(self):
+        if self.stop is not None and self.stop.requested:
             return
         step, logs = epoch + 1, logs or {}
         if "loss" in logs and not math.isfinite(float(logs["loss"])):
@@ -302,18 +298,14 @@ class Summaries(keras.callbacks.Callback):
         self.epochs_timed += 1
         per_epoch = (time.time() - self.started) / self.epochs_timed
         hours_left = per_epoch * (self.epochs - step) / 3600
+        scalars = {name: float(np.mean(value)) for name, value in logs.items()}
+        scalars["learning_rate"] = _scalar(self.model.optimizer.learning_rate)
+        for schedule in self.schedules:
+            scalars.setdefault(schedule.name, _scalar(schedule.variable))
+        scalars.update(seconds_per_epoch=seconds, hours_left=hours_left)
         with self.train_writer.as_default(step=step):
-            for key, tag in TRAIN_TAGS.items():
-                if key in logs:
-                    tf.summary.scalar(tag, float(logs[key]))
-            for key in ("accuracy_p", "accuracy_q"):
-                if key in logs:
-                    tf.summary.scalar(key.replace("accuracy", "error"), 1 - float(logs[key]))
-            tf.summary.scalar("learning_rate", _scalar(self.model.optimizer.learning_rate))
-            tf.summary.scalar("temperature", _scalar(self.model.temperature))
-            tf.summary.scalar("alpha", _scalar(self.model.label_weight))
-            tf.summary.scalar("seconds_per_epoch", seconds)
-            tf.summary.scalar("hours_left", hours_left)
+            for name, value in scalars.items():
+                tf.summary.scalar(metrics.tag(name), value)
         self.train_writer.flush()
         end = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() + hours_left * 3600))
         self.log(f"epoch {step}/{self.epochs} done: {seconds:.0f} s, elapsed "
@@ -326,30 +318,24 @@ class Summaries(keras.callbacks.Callback):
 
     def evaluate(self, step):
         model = self.model.float32_twin()
-        metrics = evaluation.periodic_metrics(model, self.x_eval, self.y_eval, self.iw_samples,
-                                              seed=self.seed)
-        shown = {k: v for k, v in metrics.items() if np.isscalar(v)}
+        values = evaluation.periodic_metrics(model, self.x_eval, self.y_eval, self.iw_samples,
+                                             seed=self.seed)
         clusters = evaluation.cluster_report(model, self.x_eval, self.y_eval, self.num_classes,
-                                             self.seed)
-        cluster_keys = ["clusters_used", "mutual_information", "mean_entropy", "purity", "nmi",
-                        "ari"]
-        if self.report_errors:
-            cluster_keys += ["error_p", "error_q", "h_p", "h_q", "agreement_pq",
-                             "cross_entropy_p_y", "error_posterior", "h_posterior"]
-        shown.update({k: clusters[k] for k in cluster_keys})
+                                             self.seed, classifiers=self.report_errors)
+        shown = {k: v for k, v in {**values, **clusters}.items() if np.isscalar(v)}
         for name, value in shown.items():
-            tf.summary.scalar(name, value)
+            tf.summary.scalar(metrics.tag(name), value)
         tf.summary.image("clusters/occupancy",
                          figures.occupancy_chart(clusters["occupancy"])[None])
         tf.summary.image("clusters/cluster_by_label",
                          figures.cluster_label_chart(clusters["cluster_by_label"])[None])
-        tf.summary.histogram("kl_per_unit/z1", metrics["kl_z1_per_unit"])
-        tf.summary.histogram("kl_per_unit/z2", metrics["kl_z2_per_unit"])
+        tf.summary.histogram("kl_per_unit/z1", values["kl_z1_per_unit"])
+        tf.summary.histogram("kl_per_unit/z2", values["kl_z2_per_unit"])
         grids = figures.model_grids(model, self.x_eval, [self.seed, step])
         for name, image in grids.items():
             tf.summary.image(name, image[None])
         figures.write_projector(self.run.logs("eval"), {
-            "z2_means": metrics["z2_means"], "z1_means": metrics["z1_means"]}, {
+            "z2_means": values["z2_means"], "z1_means": values["z1_means"]}, {
             "label": self.y_eval, "cluster": np.argmax(clusters["q_y"], -1),
             "epoch": np.full(len(self.y_eval), step)})
         self.log(f"epoch {step} evaluation: " + ", ".join(

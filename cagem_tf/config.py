@@ -1,12 +1,18 @@
-"""The settings of a training run: one typed `Config`, its validation, and its JSON form.
+"""The settings of a training run: the `ModelSpec` of its networks, the `Config` of the whole run
+(which extends it), their validation and JSON form.
 
 Every field is a flag of the training program (`cagem_tf.cli.train` defines them from the
-fields' help texts) and a key of the run's config.json. Defaults are the paper's settings.
+fields' help texts) and a key of the run's config.json; a `ModelSpec` field is also a key of
+the run's model.json and of `CaGeM.get_config()`. Defaults are the paper's settings. A new
+model setting is one field of `ModelSpec`: its flag, its validation by type, config.json,
+model.json and the Keras config follow from it.
 """
 
 import dataclasses
 import types
 import typing
+
+from cagem_tf.files import UserError
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("float32", "mixed_bfloat16")
@@ -20,7 +26,7 @@ MAY_CHANGE = ("epochs", "eval_every", "eval_iw_samples", "eval_subset", "export_
 RETIRED = ("test_binarization",)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A setting no run can use; the message is one line that says what to do."""
 
 
@@ -34,11 +40,112 @@ def _field(default, help_text, **metadata):
     return dataclasses.field(default=default, metadata={"help": help_text, **metadata})
 
 
+class _Settings:
+    """Typed dataclass fields with help texts: type checks, the lists of integers, JSON form."""
+
+    LISTS = ()       # list[int] fields; one value w of a width field means [w, w]
+    WIDTHS = ()
+
+    def __post_init__(self):
+        self._check_types()
+        for key in self.LISTS:
+            values = getattr(self, key)
+            values = [values] if isinstance(values, int) else list(values)
+            try:
+                values = [int(w) for w in values]
+            except (TypeError, ValueError):
+                raise ConfigError(f"--{key} {','.join(map(str, values))}: give integers, e.g. "
+                                  "1024 or 1024,512") from None
+            if not values or min(values) < 1:
+                raise ConfigError(f"--{key} {values}: give one or more positive integers")
+            setattr(self, key, values * 2 if len(values) == 1 and key in self.WIDTHS
+                    else values)
+        self.check()
+
+    def _check_types(self) -> None:
+        """One-line errors for values of the wrong type (as a config.json may hold): ints are
+        ints (not 1.5, "10" or true), floats numbers (an int is taken), bools bools, strings
+        strings, and a setting with choices one of them. Lists of integers are checked by
+        __post_init__."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value, hint = getattr(self, f.name), hints[f.name]
+            optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and \
+                type(None) in typing.get_args(hint)
+            if optional and value is None or typing.get_origin(hint) is list:
+                continue
+            kind = next(a for a in typing.get_args(hint) if a is not type(None)) \
+                if optional else hint
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, f.name, float(value))
+                continue
+            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+                raise ConfigError(f"--{f.name} {value!r}: must be {_KIND_NAMES[kind]}")
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise ConfigError(f"--{f.name} {value}: use one of {', '.join(choices)}")
+
+    def check(self) -> None:
+        """One-line errors for settings no run can use (beyond their types)."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def fields(cls):
+        """(name, type, default, help, choices) of every setting, in order."""
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            yield f.name, hints[f.name], default, f.metadata["help"], f.metadata.get("choices")
+
+
 @dataclasses.dataclass
-class Config:
-    """A CaGeM training run. Model, data and optimisation settings first; then the run's
-    evaluation, export and bookkeeping; last the opt-in levers and departures of the cluster
-    study (docs/results.md), all off by default."""
+class ModelSpec(_Settings):
+    """What defines a CaGeM's networks and its sampling (`CaGeM(spec, image_shape,
+    num_clusters)`; the data set fixes the other two). The paper's model by default."""
+    z1_dim: int = _field(64, "Size of z1.")
+    z2_dim: int = _field(32, "Size of z2.")
+    hidden_lower: list[int] = _field([1024, 1024], "Hidden widths of q(z1|x), q(y|z1,x), "
+                                     "p(x|y,z1); one value w means [w, w].")
+    hidden_upper: list[int] = _field([512, 512], "Hidden widths of q(z2|x,y,z1), p(z1|y,z2), "
+                                     "p(y|z2); one value w means [w, w].")
+    skip_connection: bool = _field(True, "Give q(z2|x,y,z1) the input x.")
+    precision: str = _field("float32", "Training precision: mixed_bfloat16 runs the networks' "
+                            "matmuls and activations in bfloat16 (variables, batch-norm "
+                            "statistics, densities, the loss and the optimizer stay float32); "
+                            "evaluations and exports are float32 either way.",
+                            choices=PRECISIONS)
+    num_samples: int = _field(1, "Samples of z1 (and z2 per y) in the training ELBO.")
+    y_init_stddev: float = _field(0.0, "Initialise the first-layer weights of the one-hot y "
+                                  "from N(0, s^2); 0: Glorot (the paper does not say).")
+    shared_noise: bool = _field(False, "One noise draw for z2 in every y branch (common random "
+                                "numbers; the same objective in expectation).")
+    classifier_samples: int = _field(10, "Samples of z1 over which the classifiers q(y|x) and "
+                                     "p(y|x) average (evaluations and exports).")
+
+    LISTS = WIDTHS = ("hidden_lower", "hidden_upper")
+
+    def check(self) -> None:
+        for key in ("z1_dim", "z2_dim", "num_samples", "classifier_samples"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"--{key} {getattr(self, key)}: must be at least 1")
+        if self.y_init_stddev < 0:
+            raise ConfigError(f"--y_init_stddev {self.y_init_stddev}: must be 0 or more")
+
+    def spec(self) -> "ModelSpec":
+        """The model's settings alone (of a `Config`: the spec it holds)."""
+        return ModelSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelSpec)})
+
+
+@dataclasses.dataclass
+class Config(ModelSpec):
+    """A CaGeM training run: its model (the `ModelSpec` fields, first), then data and
+    optimisation settings; then the run's evaluation, export and bookkeeping; last the opt-in
+    levers and departures of the cluster study (docs/results.md), all off by default."""
     dataset: str = _field("mnist", "tfds name (mnist, fashion_mnist, kmnist, omniglot), an .npz "
                           "file (x_train, y_train, x_test, y_test) or a directory of the four "
                           "MNIST IDX files.")
@@ -62,19 +169,6 @@ class Config:
     lr_decay_epochs: int = _field(50, "Epochs between decays.")
     warmup_epochs: int = _field(100, "Epochs of KL warm-up (temperature linear from 0 to 1); 0 "
                                 "disables it.")
-    z1_dim: int = _field(64, "Size of z1.")
-    z2_dim: int = _field(32, "Size of z2.")
-    hidden_lower: list[int] = _field([1024, 1024], "Hidden widths of q(z1|x), q(y|z1,x), "
-                                     "p(x|y,z1); one value w means [w, w].")
-    hidden_upper: list[int] = _field([512, 512], "Hidden widths of q(z2|x,y,z1), p(z1|y,z2), "
-                                     "p(y|z2); one value w means [w, w].")
-    skip_connection: bool = _field(True, "Give q(z2|x,y,z1) the input x.")
-    precision: str = _field("float32", "Training precision: mixed_bfloat16 runs the networks' "
-                            "matmuls and activations in bfloat16 (variables, batch-norm "
-                            "statistics, densities, the loss and the optimizer stay float32); "
-                            "evaluations and exports are float32 either way.",
-                            choices=PRECISIONS)
-    num_samples: int = _field(1, "Samples of z1 (and z2 per y) in the training ELBO.")
     seed: int = _field(0, "Seed of the labelled subset, the data order, the initial "
                        "weights and the model's sampling.")
     model_dir: str = _field("runs/cagem", "Run directory: config, checkpoints, logs, exports.")
@@ -109,10 +203,6 @@ class Config:
                           "on a terminal and a line per epoch otherwise.")
     clip_norm: float = _field(0.0, "Clip the gradient to this global norm; 0: no clipping (the "
                               "paper does not say).")
-    y_init_stddev: float = _field(0.0, "Initialise the first-layer weights of the one-hot y "
-                                  "from N(0, s^2); 0: Glorot (the paper does not say).")
-    shared_noise: bool = _field(False, "One noise draw for z2 in every y branch (common random "
-                                "numbers; the same objective in expectation).")
     cluster_usage: float = _field(0.0, "DEPARTURE from the paper: weight of the batch's cluster "
                                   "entropy H(mean q(y|x)) added to the objective, annealed to 0 "
                                   "over --departure_epochs.")
@@ -130,53 +220,20 @@ class Config:
     departure_epochs: int = _field(5, "Epochs over which --cluster_usage, --pseudo_labels "
                                    "and --z2_code fall linearly to 0.")
 
-    def __post_init__(self):
-        self._check_types()
-        for key in ("hidden_lower", "hidden_upper", "export_iw_samples"):
-            widths = getattr(self, key)
-            widths = [widths] if isinstance(widths, int) else list(widths)
-            try:
-                widths = [int(w) for w in widths]
-            except (TypeError, ValueError):
-                raise ConfigError(f"--{key} {','.join(map(str, widths))}: give integers, e.g. "
-                                  "1024 or 1024,512") from None
-            setattr(self, key, widths * 2 if len(widths) == 1 and key != "export_iw_samples"
-                    else widths)
-        self.check()
 
-    def _check_types(self) -> None:
-        """One-line errors for values of the wrong type (as a config.json may hold): ints are
-        ints (not 1.5, "10" or true), floats numbers (an int is taken), bools bools, strings
-        strings, and a setting with choices one of them. Widths are checked by
-        __post_init__, which also takes one integer or a comma-separated string."""
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            value, hint = getattr(self, f.name), hints[f.name]
-            optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and \
-                type(None) in typing.get_args(hint)
-            if optional and value is None or typing.get_origin(hint) is list:
-                continue
-            kind = next(a for a in typing.get_args(hint) if a is not type(None)) \
-                if optional else hint
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                setattr(self, f.name, float(value))
-                continue
-            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-                raise ConfigError(f"--{f.name} {value!r}: must be {_KIND_NAMES[kind]}")
-            choices = f.metadata.get("choices")
-            if choices and value not in choices:
-                raise ConfigError(f"--{f.name} {value}: use one of {', '.join(choices)}")
+    LISTS = ("hidden_lower", "hidden_upper", "export_iw_samples")
 
     def check(self) -> None:
         """One-line errors for settings no run can use."""
-        for key in ("epochs", "batch_size", "labelled_batch_size", "z1_dim", "z2_dim",
-                    "num_samples", "lr_decay_epochs", "keep_checkpoints"):
+        super().check()
+        for key in ("epochs", "batch_size", "labelled_batch_size", "lr_decay_epochs",
+                    "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"--{key} {getattr(self, key)}: must be at least 1")
         for key in ("warmup_epochs", "eval_every", "eval_iw_samples", "eval_subset",
                     "export_every", "keep_exports", "validation", "clusters", "labels",
                     "collective_timeout",
-                    "clip_norm", "y_init_stddev", "cluster_usage", "pseudo_labels",
+                    "clip_norm", "cluster_usage", "pseudo_labels",
                     "z2_code", "departure_epochs"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"--{key} {getattr(self, key)}: must be 0 or more")
@@ -188,22 +245,12 @@ class Config:
         if self.beta_start and (self.beta_epochs < 1 or not self.beta):
             raise ConfigError("--beta_start moves beta to --beta over --beta_epochs: give "
                               "--beta > 0 and --beta_epochs of 1 or more")
-        for key in ("hidden_lower", "hidden_upper", "export_iw_samples"):
-            if not getattr(self, key) or min(getattr(self, key)) < 1:
-                raise ConfigError(f"--{key} {getattr(self, key)}: give one or more positive "
-                                  "integers")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"--strategy {self.strategy}: use one of {', '.join(STRATEGIES)}")
         if (self.cluster_usage or self.pseudo_labels or self.z2_code) and \
                 self.departure_epochs < 1:
             raise ConfigError("--cluster_usage, --pseudo_labels and --z2_code are annealed to "
                               "0: give --departure_epochs of 1 or more")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def replace(self, **changes) -> "Config":
-        return dataclasses.replace(self, **changes)
 
     @classmethod
     def from_dict(cls, values: dict, what: str = "the settings") -> "Config":
@@ -219,12 +266,3 @@ class Config:
                               f"({', '.join(unknown)}): use the version that wrote it, or "
                               "start a new run")
         return cls(**{k: v for k, v in values.items() if k in names})
-
-    @classmethod
-    def fields(cls):
-        """(name, type, default, help, choices) of every setting, in order."""
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            yield f.name, hints[f.name], default, f.metadata["help"], f.metadata.get("choices")
-

@@ -16,6 +16,8 @@ import zlib
 import numpy as np
 import tensorflow as tf
 
+from cagem_tf.files import UserError
+
 TFDS_NAMES = ("mnist", "fashion_mnist", "kmnist", "omniglot")
 IDX_FILES = {"x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
              "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte"}
@@ -29,7 +31,7 @@ OMNIGLOT_SIZE = 28
 OMNIGLOT_TRAIN_DRAWINGS = 15  # of the 20 drawings of each character; the rest is the test set
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad data input; the message is one line that says what to do."""
 
 

@@ -194,31 +194,37 @@ def posterior_probs(model, x, num_samples: int = POSTERIOR_SAMPLES, seed: int = 
         for i, start in enumerate(range(0, len(x), batch_size))])
 
 
+# The classifiers' measures of `cluster_report` (a run with labels: y is the class).
+CLASSIFIER_KEYS = ("error_p", "error_q", "h_p", "h_q", "error_posterior", "h_posterior",
+                   "agreement_pq", "cross_entropy_p_y")
+
+
 def cluster_report(model, x, y=None, num_classes: int | None = None, seed: int = 0,
-                   batch_size: int = 500) -> dict:
+                   batch_size: int = 500, classifiers: bool = True) -> dict:
     """How the model uses y on images x (`clustering.usage` of q(y|x)); with labels y, the
-    clusters against them (`clustering.against_labels`); and the pieces of the cascade
-    classifier: agreement_pq, the share of images where argmax p(y|x) = argmax q(y|x),
-    h_p and h_q, the cross-entropies of p(y|x) and q(y|x) against the labels, their errors
-    error_p and error_q (these four when the K clusters are the labels' classes; p(y|x) is the
-    paper's cascade), error_posterior and h_posterior of the model's own p(y|x) by importance
-    sampling (`posterior_probs`, also then), and
-    cross_entropy_p_y = E_q[-log p(y|z2^y)] (one sample). "q_y" holds q(y|x) [N,K] itself."""
+    clusters against them (`clustering.against_labels`); "q_y" holds q(y|x) [N,K] itself.
+    With `classifiers` (a run trained with labels, whose K clusters are the classes) also
+    `CLASSIFIER_KEYS`: h_p and h_q, the cross-entropies of p(y|x) and q(y|x) against the
+    labels, their errors error_p and error_q (p(y|x) is the paper's cascade),
+    error_posterior and h_posterior of the model's own p(y|x) by importance sampling
+    (`posterior_probs`), agreement_pq, the share of images where argmax p(y|x) =
+    argmax q(y|x), and cross_entropy_p_y = E_q[-log p(y|z2^y)] (one sample)."""
     p_y, q_y = cluster_probs(model, x, seed, batch_size)
     report = {**clustering.usage(q_y), "q_y": q_y}
     if y is not None:
         num_classes = num_classes or int(np.max(y)) + 1
         report.update(clustering.against_labels(q_y, y, num_classes))
+    if not (classifiers and y is not None and q_y.shape[-1] == num_classes):
+        return report
     report["agreement_pq"] = float(np.mean(np.argmax(p_y, -1) == np.argmax(q_y, -1)))
-    if y is not None and q_y.shape[-1] == num_classes:  # the classifiers: y is the class
-        report["error_p"] = float(np.mean(np.argmax(p_y, -1) != y))
-        report["error_q"] = float(np.mean(np.argmax(q_y, -1) != y))
-        index = (np.arange(len(y)), np.asarray(y, np.int64))
-        report["h_p"] = float(-np.mean(np.log(np.maximum(p_y[index], 1e-30))))
-        report["h_q"] = float(-np.mean(np.log(np.maximum(q_y[index], 1e-30))))
-        posterior = posterior_probs(model, x, seed=seed)
-        report["error_posterior"] = float(np.mean(np.argmax(posterior, -1) != y))
-        report["h_posterior"] = float(-np.mean(np.log(np.maximum(posterior[index], 1e-30))))
+    report["error_p"] = float(np.mean(np.argmax(p_y, -1) != y))
+    report["error_q"] = float(np.mean(np.argmax(q_y, -1) != y))
+    index = (np.arange(len(y)), np.asarray(y, np.int64))
+    report["h_p"] = float(-np.mean(np.log(np.maximum(p_y[index], 1e-30))))
+    report["h_q"] = float(-np.mean(np.log(np.maximum(q_y[index], 1e-30))))
+    posterior = posterior_probs(model, x, seed=seed)
+    report["error_posterior"] = float(np.mean(np.argmax(posterior, -1) != y))
+    report["h_posterior"] = float(-np.mean(np.log(np.maximum(posterior[index], 1e-30))))
     total = 0.0
     for index, start in enumerate(range(0, len(x), batch_size)):
         terms = model.latent_terms(x[start:start + batch_size], 1,

@@ -123,7 +123,7 @@ def save_png(image, path: str) -> None:
 def z2_mesh(model, per_side: int = 10, extent: float = 2.5, seed=(0, 0)):
     """For dim(z2) = 2 (the paper's Figure 3): generations on a per_side x per_side mesh over
     [-extent, extent]^2 of z2, (random y ~ p(y|z2), class-conditional blocks one per y)."""
-    if model.z2_dim != 2:
+    if model.spec.z2_dim != 2:
         raise ValueError("the z2 mesh needs z2_dim = 2")
     axis = np.linspace(-extent, extent, per_side, dtype=np.float32)
     mesh = np.stack(np.meshgrid(axis, axis[::-1]), -1).reshape(-1, 2)

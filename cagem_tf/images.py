@@ -15,6 +15,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from cagem_tf.files import UserError
+
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp")
 
 
@@ -28,7 +30,7 @@ class Loaded:
     errors: dict
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """No image could be read; the message is one line that says what to do."""
 
 

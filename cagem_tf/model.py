@@ -19,7 +19,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from cagem_tf import objective
-from cagem_tf.config import PRECISIONS
+from cagem_tf.config import ModelSpec
 from cagem_tf.networks import BernoulliNet, CategoricalNet, GaussianNet
 
 tfd = tfp.distributions
@@ -29,76 +29,67 @@ tfd = tfp.distributions
 IW_CHUNK = {"exact": 100, "sampled": 500}
 # The six conditional networks, inference model first.
 NETWORKS = ("q_z1", "q_y", "q_z2", "p_y", "p_z1", "p_x")
-METRIC_NAMES = ("loss", "elbo", "log_px", "kl_z1", "kl_z2", "kl_y", "batch_usage",
-                "h_p", "h_q", "accuracy_p", "accuracy_q", "alpha", "h_pseudo", "h_z2_code")
+SPEC_FIELDS = tuple(name for name, *_ in ModelSpec.fields())
 # Variables added after checkpoints were keyed by variable path: a checkpoint of the earlier,
 # positional layout ("weights/<i>") holds all the others, in `weights` order.
 NOT_IN_POSITIONAL_CHECKPOINTS = ("code_weight", "label_weight")
 
 
-def _widths(hidden) -> tuple[int, ...]:
-    """An int w means two hidden layers of w units; a sequence gives the widths in order."""
-    if isinstance(hidden, (int, np.integer)):
-        return (int(hidden), int(hidden))
-    return tuple(int(h) for h in hidden)
-
-
+@keras.saving.register_keras_serializable(package="cagem_tf")
 class CaGeM(keras.Model):
     """CaGeM over images of `image_shape`, flattened to D pixels, with K = `num_clusters`.
 
     Args:
+      spec: the `ModelSpec` (or a `Config`, which holds one) of the networks and their
+        sampling; keyword arguments named like its fields override it (`CaGeM(z1_dim=8)`).
+        Its fields, as the paper has them:
+        z1_dim, z2_dim: sizes of the Gaussian layers;
+        hidden_lower: hidden widths of the networks touching x: q(z1|x), q(y|z1,x), p(x|y,z1);
+        hidden_upper: hidden widths of q(z2|x,y,z1), p(z1|y,z2), p(y|z2);
+        skip_connection: whether q(z2|x,y,z1) sees x;
+        num_samples: samples of z1 (and of z2 per y) in the training ELBO;
+        classifier_samples: samples of z1 used by the classifiers (`class_log_probs`);
+        y_init_stddev: > 0 draws the first-layer weights of the one-hot y in q(z2|x,y,z1),
+          p(z1|y,z2) and p(x|y,z1) from N(0, y_init_stddev^2), so that the K branches differ
+          from the start; 0 keeps Keras' Glorot initialisation (the paper leaves it open);
+        precision: "float32", or "mixed_bfloat16": the networks' matmuls and activations in
+          bfloat16 (Keras' mixed policy), variables, batch-norm statistics, log-densities, KL
+          terms, logsumexp and the loss in float32. `float32_twin()` gives the same model
+          computing in float32, for evaluations and exports;
+        shared_noise: draw z2^y = mu_y + sigma_y * eps with one eps for every y (common random
+          numbers): the per-branch terms then differ by the branches, not by their noise. Each
+          z2^y still follows q(z2|x,y,z1), so the ELBO and the IW bound are unchanged in
+          expectation.
       image_shape: shape of one image, e.g. (28, 28, 1).
       num_clusters: K, the number of values of y (the number of classes when labels are used).
-      z1_dim, z2_dim: sizes of the Gaussian layers.
-      hidden_lower: hidden widths of the networks touching x: q(z1|x), q(y|z1,x), p(x|y,z1).
-      hidden_upper: hidden widths of q(z2|x,y,z1), p(z1|y,z2), p(y|z2).
-      skip_connection: whether q(z2|x,y,z1) sees x.
-      num_samples: samples of z1 (and of z2 per y) in the training ELBO.
-      classifier_samples: samples of z1 used by the classifiers (`class_log_probs`).
       seed: seed of the model's random stream (sampling in training and evaluation).
       synchronized_bn: batch normalization over the global batch when replicas split it.
-      y_init_stddev: > 0 draws the first-layer weights of the one-hot y in q(z2|x,y,z1),
-        p(z1|y,z2) and p(x|y,z1) from N(0, y_init_stddev^2), so that the K branches differ
-        from the start; 0 keeps Keras' Glorot initialisation (the paper leaves it open).
-      precision: "float32", or "mixed_bfloat16": the networks' matmuls and activations in
-        bfloat16 (Keras' mixed policy), variables, batch-norm statistics, log-densities, KL
-        terms, logsumexp and the loss in float32. `float32_twin()` gives the same model
-        computing in float32, for evaluations and exports.
-      shared_noise: draw z2^y = mu_y + sigma_y * eps with one eps for every y (common random
-        numbers): the per-branch terms then differ by the branches, not by their noise. Each
-        z2^y still follows q(z2|x,y,z1), so the ELBO and the IW bound are unchanged in
-        expectation.
+
+    `get_config()` is the spec's fields with these four (and the name): model.json and the
+    Keras config, so that `keras.saving.load_model` rebuilds the model from a .keras file.
     """
 
-    def __init__(self, image_shape: Sequence[int] = (28, 28, 1), num_clusters: int = 10,
-                 z1_dim: int = 64, z2_dim: int = 32, hidden_lower=(1024, 1024),
-                 hidden_upper=(512, 512), skip_connection: bool = True, num_samples: int = 1,
-                 classifier_samples: int = 10, seed: int | None = None,
-                 synchronized_bn: bool = False, y_init_stddev: float = 0.0,
-                 shared_noise: bool = False, precision: str = "float32", **kwargs):
+    def __init__(self, spec: ModelSpec | None = None, image_shape: Sequence[int] = (28, 28, 1),
+                 num_clusters: int = 10, seed: int | None = None,
+                 synchronized_bn: bool = False, **kwargs):
+        settings = {k: kwargs.pop(k) for k in list(kwargs) if k in SPEC_FIELDS}
         super().__init__(**kwargs)
+        base = spec.spec().to_dict() if spec is not None else {}
+        self.spec = ModelSpec(**{**base, **settings})
         self.image_shape = tuple(int(d) for d in image_shape)
         self.data_dim = int(np.prod(self.image_shape))
-        if num_clusters < 1 or z1_dim < 1 or z2_dim < 1 or num_samples < 1:
-            raise ValueError("num_clusters, z1_dim, z2_dim and num_samples must be >= 1")
+        if num_clusters < 1:
+            raise ValueError("num_clusters must be >= 1")
         self.num_clusters = int(num_clusters)
-        self.z1_dim, self.z2_dim = int(z1_dim), int(z2_dim)
-        self.hidden_lower, self.hidden_upper = _widths(hidden_lower), _widths(hidden_upper)
-        self.skip_connection = bool(skip_connection)
-        self.num_samples = int(num_samples)
-        self.classifier_samples = int(classifier_samples)
         self.seed = seed
         self.synchronized_bn = bool(synchronized_bn)
-        self.y_init_stddev = float(y_init_stddev)
-        self.shared_noise = bool(shared_noise)
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-        self.precision = precision
         object.__setattr__(self, "_twin", None)
-        K, lower, upper = self.num_clusters, self.hidden_lower, self.hidden_upper
+        spec = self.spec
+        K, lower, upper = self.num_clusters, spec.hidden_lower, spec.hidden_upper
+        z1_dim, z2_dim, skip_connection = spec.z1_dim, spec.z2_dim, spec.skip_connection
         sync = {"synchronized_bn": self.synchronized_bn,
-                "dtype": keras.DTypePolicy(precision)}
-        y_first = {**sync, "first_input_stddev": self.y_init_stddev}
+                "dtype": keras.DTypePolicy(spec.precision)}
+        y_first = {**sync, "first_input_stddev": spec.y_init_stddev}
 
         # Inference model q(y,z1,z2|x); the comments give each network's inputs in order.
         self.q_z1 = GaussianNet(z1_dim, lower, 1, name="q_z1", **sync)                 # x
@@ -125,7 +116,7 @@ class CaGeM(keras.Model):
         self.seed_generator = keras.random.SeedGenerator(seed, name="seed_generator")
         self.alpha = 0.0
         self.cluster_usage = self.pseudo_labels = self.z2_code = False
-        self.trackers = {}
+        self.trackers, self.terms = {}, ()
         # Build every variable now, so that compile, checkpoints and exports see them all. The
         # first call of each network gives all its inputs: Keras keeps that call's input specs
         # for the layer's own saved signature (later calls may pass x projected, as None).
@@ -139,7 +130,7 @@ class CaGeM(keras.Model):
     @property
     def p_z2(self):
         """p(z2) = N(0, I): batch [], event [z2_dim]."""
-        return tfd.MultivariateNormalDiag(loc=tf.zeros([self.z2_dim]))
+        return tfd.MultivariateNormalDiag(loc=tf.zeros([self.spec.z2_dim]))
 
     @property
     def code_variables(self):
@@ -170,7 +161,7 @@ class CaGeM(keras.Model):
 
     def q_z2_inputs(self, y, z1, x):
         """The inputs of q(z2|x,y,z1) in order: [y, z1, x], x only with the skip connection."""
-        return [y, z1, x] if self.skip_connection else [y, z1]
+        return [y, z1, x] if self.spec.skip_connection else [y, z1]
 
     # ----------------------------------------------------------------------------------------
     # Enumerated terms, the ELBO and the importance-weighted bound
@@ -182,7 +173,7 @@ class CaGeM(keras.Model):
         return {"x": x,
                 "q_z1": self.q_z1.distribution([x], training=training, collect=collect),
                 "q_y": self.q_y.project([None, x]),
-                "q_z2": self.q_z2.project([None, None, x]) if self.skip_connection else None}
+                "q_z2": self.q_z2.project([None, None, x]) if self.spec.skip_connection else None}
 
     def latent_terms(self, x, num_samples: int | None = None, seed=None, training=False,
                      collect=True, x_parts=None):
@@ -193,7 +184,7 @@ class CaGeM(keras.Model):
         """
         parts = self.x_parts(x, training, collect) if x_parts is None else x_parts
         x = parts["x"]
-        S = self.num_samples if num_samples is None else num_samples
+        S = self.spec.num_samples if num_samples is None else num_samples
         seed_z1, seed_z2 = tfp.random.split_seed(self._seed(seed), n=2)
         q_z1 = parts["q_z1"]                                                      # batch [B]
         z1 = q_z1.sample(S, seed=seed_z1)                                         # [S,B,d1]
@@ -203,9 +194,9 @@ class CaGeM(keras.Model):
         q_z2 = self.q_z2.distribution(self.q_z2_inputs(y, z1, None), training=training,
                                       collect=collect,
                                       projected=parts["q_z2"])                    # batch [K,S,B]
-        if self.shared_noise:
+        if self.spec.shared_noise:
             eps = tf.random.stateless_normal(
-                tf.concat([tf.shape(z1)[:-1], [self.z2_dim]], 0), seed_z2)        # [S,B,d2]
+                tf.concat([tf.shape(z1)[:-1], [self.spec.z2_dim]], 0), seed_z2)        # [S,B,d2]
             z2 = q_z2.mean() + q_z2.stddev() * eps                                # [K,S,B,d2]
         else:
             z2 = q_z2.sample(seed=seed_z2)                                        # [K,S,B,d2]
@@ -335,7 +326,7 @@ class CaGeM(keras.Model):
         z2^c ~ q(z2|x,c,z1): the cascade classifier. Averages over S samples of z1.
         """
         x = self.flatten(x)
-        S = self.classifier_samples if num_samples is None else num_samples
+        S = self.spec.classifier_samples if num_samples is None else num_samples
         seed_z1, seed_z2 = tfp.random.split_seed(self._seed(seed), n=2)
         z1 = self.q_z1.distribution([x], training=training, collect=collect).sample(
             S, seed=seed_z1)                                                     # [S,B,d1]
@@ -394,7 +385,7 @@ class CaGeM(keras.Model):
     def float32_twin(self) -> "CaGeM":
         """This model computing in float32, holding a copy of the current weights (itself when
         it computes in float32 already): what evaluations and exports use."""
-        if self.precision == "float32":
+        if self.spec.precision == "float32":
             return self
         if self._twin is None:
             config = {**self.get_config(), "precision": "float32", "synchronized_bn": False}
@@ -447,15 +438,36 @@ class CaGeM(keras.Model):
                 pseudo_labels: bool = False, z2_code: bool = False, **kwargs):
         """alpha weighs the labelled cross-entropies: see `objective.alpha`.
 
-        cluster_usage, pseudo_labels, z2_code: put the opt-in departures of `train_step` in
-        the step; their weights are `usage_weight`, `pseudo_weight` and `code_weight`.
+        cluster_usage, pseudo_labels, z2_code: put the opt-in departures (`objective`'s
+        weighted terms batch_usage, h_pseudo, h_z2_code) in the step; their weights are
+        `usage_weight`, `pseudo_weight` and `code_weight`. The metrics are created here, one
+        `keras.metrics.Mean` per quantity the step so compiled returns.
         """
         super().compile(optimizer=optimizer, **kwargs)
         self.alpha = float(alpha)
         self.label_weight.assign(self.alpha)
         self.cluster_usage, self.pseudo_labels = bool(cluster_usage), bool(pseudo_labels)
         self.z2_code = bool(z2_code)
-        self.trackers = {name: keras.metrics.Mean(name=name) for name in METRIC_NAMES}
+        active = {"h_labelled": self.alpha > 0, "batch_usage": self.cluster_usage,
+                  "h_pseudo": self.pseudo_labels, "h_z2_code": self.z2_code}
+        self.terms = tuple(t for t in objective.WEIGHTED_TERMS if active[t.name])
+        names = ["loss", "elbo", "log_px", "kl_z1", "kl_z2", "kl_y", "batch_usage"]
+        names += ["h_p", "h_q", "error_p", "error_q", "alpha"] if self.alpha > 0 else []
+        names += ["h_pseudo"] if self.pseudo_labels else []
+        names += ["h_z2_code"] if self.z2_code else []
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
+
+    def get_compile_config(self):
+        return {"optimizer": keras.optimizers.serialize(self.optimizer), "alpha": self.alpha,
+                "cluster_usage": self.cluster_usage, "pseudo_labels": self.pseudo_labels,
+                "z2_code": self.z2_code}
+
+    def compile_from_config(self, config):
+        """`compile` as it was when the model was saved (a .keras file); the optimizer's state
+        is loaded after, by Keras."""
+        config = dict(config)
+        self.compile(keras.optimizers.deserialize(config.pop("optimizer")), **config)
+        self.optimizer.build(self.trainable_variables)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         """Keras builds a model symbolically from a batch before `fit` under a tf.distribute
@@ -470,104 +482,90 @@ class CaGeM(keras.Model):
     def metrics(self):
         return list(self.trackers.values())
 
+    @property
+    def variable_groups(self) -> dict:
+        """The variables each group of `objective.training_losses` reaches."""
+        return {"all": self.trainable_variables, "classifiers": self.classifier_variables,
+                "code": self.code_variables}
+
+    def training_values(self, data, seed):
+        """The scalars of one training step on `data` (see `train_step`): the batch means of
+        the ELBO's parts and of its warmed-up objective, batch_usage, and the weighted terms
+        of `objective` the step is compiled with, with the classifiers' batch errors."""
+        seed_u, seed_l = tfp.random.split_seed(seed, n=2)
+        terms = self.latent_terms(data["x"], seed=seed_u, training=True)
+        parts = objective.elbo(terms, self.temperature)
+        values = {name: tf.reduce_mean(parts[name])
+                  for name in ("objective", "elbo", "log_px", "kl_z1", "kl_z2", "kl_y")}
+        values["batch_usage"] = objective.batch_usage(terms["q_y_logits"])
+        if self.alpha > 0 and "x_labelled" in data:
+            # Batch moments normalise the labelled pass; BN statistics are not collected.
+            log_q, log_p = self.class_log_probs(data["x_labelled"], self.spec.num_samples,
+                                                seed_l, training=True, collect=False)
+            values.update(objective.labelled_terms(log_p, log_q, data["y_labelled"]))
+            values["alpha"] = tf.identity(self.label_weight)  # as this step used it
+        if self.pseudo_labels and "y_pseudo" in data:
+            values["h_pseudo"] = objective.cross_entropy(
+                tf.nn.log_softmax(terms["q_y_logits"][0]), data["y_pseudo"])
+        if self.z2_code:
+            values["h_z2_code"] = objective.z2_code(terms)
+        return values
+
+    def train_step(self, data):
+        """One step on the loss of `objective.training_losses`: -mean ELBO(x_u) (under the KL
+        warm-up) + alpha (H_p + H_q)(x_l, y_l), and the opt-in departures compiled in (each
+        weight annealed to 0 by a schedule, so the objective at the end is the paper's).
+
+        `data` is {"x": unlabelled batch} plus, with labels, "x_labelled" and "y_labelled",
+        and with pseudo-labels "y_pseudo". The ELBO trains every variable; a weighted term only
+        its group's (`variable_groups`). The step's noise is seeded by (seed, optimizer step):
+        a run restored from a checkpoint continues the same random stream.
+        """
+        seed = tf.stack([tf.constant(self.seed or 0, tf.int32),
+                         tf.cast(self.optimizer.iterations, tf.int32)])
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        with tf.GradientTape(persistent=len(self.terms) > 0) as tape:
+            values = self.training_values(data, seed)
+            terms = [t for t in self.terms if t.name in values]  # a batch without labels
+            weights = {t.weight: getattr(self, t.weight) for t in terms}
+            losses = objective.training_losses(values, weights, terms)
+            scaled = {group: loss / replicas for group, loss in losses.items()}  # summed
+        self.optimizer.apply(self._gradients(tape, scaled), self.trainable_variables)
+        values["loss"] = tf.add_n(list(losses.values()))
+        return self._update(values)
+
+    def _gradients(self, tape, losses):
+        """The gradient of the summed losses, each group's reaching only its variables, as a
+        list in `trainable_variables` order (None: no gradient)."""
+        variables = self.trainable_variables
+        position = {id(v): i for i, v in enumerate(variables)}
+        grads = [None] * len(variables)
+        for group, loss in losses.items():
+            group_variables = self.variable_groups[group]
+            for v, g in zip(group_variables, tape.gradient(loss, group_variables)):
+                i = position[id(v)]
+                if g is not None:
+                    grads[i] = g if grads[i] is None else grads[i] + g
+        return grads
+
     def _update(self, values):
-        for name, value in values.items():
-            self.trackers[name].update_state(value)
-        results = {name: self.trackers[name].result() for name in values}
+        """Updates the trackers with the step's values; returns their results."""
+        results = {}
+        for name, tracker in self.trackers.items():
+            if name in values:
+                tracker.update_state(values[name])
+                results[name] = tracker.result()
         if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
             # Keras averages a multi-worker step's logs along axis 0: give them one.
             results = {name: tf.reshape(value, [1]) for name, value in results.items()}
         return results
 
-    def _labelled_terms(self, x, y, seed, training, collect):
-        log_q, log_p = self.class_log_probs(x, self.num_samples if training else None, seed,
-                                            training=training, collect=collect)
-        y = tf.cast(y, tf.int32)
-        accuracy = lambda lp: tf.reduce_mean(tf.cast(tf.argmax(lp, -1, tf.int32) == y, tf.float32))
-        return {"h_p": objective.cross_entropy(log_p, y), "h_q": objective.cross_entropy(log_q, y),
-                "accuracy_p": accuracy(log_p), "accuracy_q": accuracy(log_q)}
-
-    def train_step(self, data):
-        """One step on J = mean ELBO(x_u) - alpha (H_p + H_q)(x_l, y_l).
-
-        `data` is {"x": unlabelled batch} plus, when labels are used, "x_labelled" and
-        "y_labelled". The ELBO trains every variable; the cross-entropies only
-        `classifier_variables` (the tape takes their gradients with respect to those alone).
-        The labelled pass normalises with batch moments but does not collect BN statistics.
-        The step's noise is seeded by (seed, optimizer step): a run restored from a checkpoint
-        continues the same random stream.
-
-        Opt-in departures from the paper (each weight annealed to 0 by a schedule, so the
-        objective at the end is the paper's):
-          cluster usage: J += usage_weight * H(mean_b q(y|z1_b,x_b)), the entropy of the
-            batch's mean cluster distribution (all variables);
-          pseudo-labels: J -= pseudo_weight * mean_b -log q(y_b'|z1_b,x_b) for the k-means
-            label y_b' of each unlabelled image ("y_pseudo"), through `classifier_variables`
-            only, like the labelled cross-entropies;
-          z2 code: J -= code_weight * `objective.z2_code` (p(y|z2) told which y each z2^y was
-            drawn for), through `code_variables` only: z2 learns to carry y, so that the
-            cascade p(y|x) = sum_c q(c|z1,x) p(y|z2^c) can read the cluster q(y|z1,x) found.
-        `batch_usage` is logged in every run.
-        """
-        step_seed = tf.stack([tf.constant(self.seed or 0, tf.int32),
-                              tf.cast(self.optimizer.iterations, tf.int32)])
-        seed_u, seed_l = tfp.random.split_seed(step_seed, n=2)
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        labelled = "x_labelled" in data and self.alpha > 0
-        pseudo = self.pseudo_labels and "y_pseudo" in data
-        restricted_loss = tf.constant(0.0)
-        groups = []  # (loss / replicas, the only variables it trains)
-        with tf.GradientTape(persistent=labelled or pseudo or self.z2_code) as tape:
-            terms = self.latent_terms(data["x"], seed=seed_u, training=True)
-            parts = objective.elbo(terms, self.temperature)
-            usage = objective.batch_usage(terms["q_y_logits"])
-            loss = -tf.reduce_mean(parts["objective"])
-            if self.cluster_usage:
-                loss = loss - self.usage_weight * usage
-            scaled_loss = loss / replicas  # replicas' gradients are summed
-            if labelled:
-                ce = self._labelled_terms(data["x_labelled"], data["y_labelled"], seed_l,
-                                          training=True, collect=False)
-                restricted_loss += self.label_weight * (ce["h_p"] + ce["h_q"])
-            if pseudo:
-                h_pseudo = objective.cross_entropy(
-                    tf.nn.log_softmax(terms["q_y_logits"][0]), data["y_pseudo"])
-                restricted_loss += self.pseudo_weight * h_pseudo
-            if labelled or pseudo:
-                groups.append((restricted_loss / replicas, self.classifier_variables))
-            if self.z2_code:
-                h_code = objective.z2_code(terms)
-                groups.append((self.code_weight * h_code / replicas, self.code_variables))
-                loss = loss + self.code_weight * h_code
-        variables = self.trainable_variables
-        grads = tape.gradient(scaled_loss, variables)
-        values = {name: tf.reduce_mean(parts[name])
-                  for name in ("elbo", "log_px", "kl_z1", "kl_z2", "kl_y")}
-        values["batch_usage"] = usage
-        index = {id(v): i for i, v in enumerate(variables)}
-        for group_loss, group_variables in groups:
-            for v, g in zip(group_variables, tape.gradient(group_loss, group_variables)):
-                if g is not None:
-                    grads[index[id(v)]] = grads[index[id(v)]] + g
-        del tape
-        loss = loss + restricted_loss
-        if labelled:
-            values.update(ce)
-            values["alpha"] = tf.identity(self.label_weight)
-        if pseudo:
-            values["h_pseudo"] = h_pseudo
-        if self.z2_code:
-            values["h_z2_code"] = h_code
-        self.optimizer.apply(grads, variables)
-        values["loss"] = loss
-        return self._update(values)
-
     def get_config(self):
-        return {"image_shape": self.image_shape, "num_clusters": self.num_clusters,
-                "z1_dim": self.z1_dim, "z2_dim": self.z2_dim, "hidden_lower": self.hidden_lower,
-                "hidden_upper": self.hidden_upper, "skip_connection": self.skip_connection,
-                "num_samples": self.num_samples, "classifier_samples": self.classifier_samples,
-                "seed": self.seed, "synchronized_bn": self.synchronized_bn,
-                "y_init_stddev": self.y_init_stddev, "shared_noise": self.shared_noise,
-                "precision": self.precision,
-                "name": self.name}
+        return {**self.spec.to_dict(), "image_shape": list(self.image_shape),
+                "num_clusters": self.num_clusters, "seed": self.seed,
+                "synchronized_bn": self.synchronized_bn, "name": self.name}
+
+    @classmethod
+    def from_config(cls, config):
+        """The model of `get_config()` (or of an earlier version's model.json: the same keys)."""
+        return cls(**config)

@@ -10,9 +10,46 @@ Shapes: K clusters, S samples of z1, B examples. The terms are
                       log p(z2^y), log p(y|z2^y), log p(z1|y,z2^y), log p(x|y,z1)
 With y drawn instead (`CaGeM.sampled_terms`, for `sampled_log_weights`) every term is [S,B]:
   log_q_z1, log_q_y, log_q_z2, log_p_x, log_p_z1, log_p_y, log_p_z2 at (z1_s, y_s, z2_s).
+
+The training loss of one step (`training_losses`) is -mean_b objective(x_b) (the ELBO under the
+KL warm-up) plus the weighted terms below, each a scalar of the step, weighed by one of the
+model's scalar variables (moved by a schedule) and reaching only the variables of its group
+("all"; "classifiers": p(y|z2) and q(y|z1,x); "code": q(z2|x,y,z1) and p(y|z2)):
+  term         weight         group        sign  what
+  h_labelled   label_weight   classifiers  +1    H_p + H_q, the cross-entropies of p(y|x) and
+                                                 q(y|x) on the labelled batch (the paper;
+                                                 the weight is alpha)
+  batch_usage  usage_weight   all          -1    DEPARTURE: the batch's cluster entropy
+                                                 (`batch_usage`), a bonus
+  h_pseudo     pseudo_weight  classifiers  +1    DEPARTURE: -log q(y'|z1,x) for the k-means
+                                                 label y' of each unlabelled image
+  h_z2_code    code_weight    code         +1    DEPARTURE: `z2_code`
 """
 
+import collections
+
 import tensorflow as tf
+
+WeightedTerm = collections.namedtuple("WeightedTerm", "name weight group sign")
+WEIGHTED_TERMS = (
+    WeightedTerm("h_labelled", "label_weight", "classifiers", +1.0),
+    WeightedTerm("batch_usage", "usage_weight", "all", -1.0),
+    WeightedTerm("h_pseudo", "pseudo_weight", "classifiers", +1.0),
+    WeightedTerm("h_z2_code", "code_weight", "code", +1.0),
+)
+
+
+def training_losses(values, weights, terms=WEIGHTED_TERMS):
+    """{group: loss} of one step, from the step's scalars `values` ("objective": the batch mean
+    of `elbo`'s objective, and each of the `terms` the step is compiled with) and `weights`
+    ({weight name: scalar}): the group "all" holds -objective; each term adds
+    sign * weight * value to its group. The step's loss is the sum over the groups; each
+    group's gradient reaches only its variables."""
+    losses = {"all": -values["objective"]}
+    for term in terms:
+        weighted = term.sign * weights[term.weight] * values[term.name]
+        losses[term.group] = losses.get(term.group, 0.0) + weighted
+    return losses
 
 
 def _over_y(q_y_logits):
@@ -102,6 +139,17 @@ def z2_code(terms):
     clusters. Scalar."""
     q_y, _ = _over_y(terms["q_y_logits"])
     return tf.reduce_mean(tf.reduce_sum(tf.stop_gradient(q_y) * -terms["log_p_y"], axis=0))
+
+
+def labelled_terms(log_p, log_q, labels):
+    """The labelled batch's cross-entropies H_p, H_q of p(y|x) and q(y|x) (log-probabilities
+    [B,K]), their sum h_labelled (the term alpha weighs) and the batch errors error_p,
+    error_q of their argmax; labels int [B]. Scalars."""
+    labels = tf.cast(labels, tf.int32)
+    error = lambda lp: tf.reduce_mean(tf.cast(tf.argmax(lp, -1, tf.int32) != labels, tf.float32))
+    h_p, h_q = cross_entropy(log_p, labels), cross_entropy(log_q, labels)
+    return {"h_p": h_p, "h_q": h_q, "h_labelled": h_p + h_q, "error_p": error(log_p),
+            "error_q": error(log_q)}
 
 
 def cross_entropy(log_probs, labels):

@@ -12,9 +12,12 @@ import numpy as np
 import tensorflow as tf
 
 from cagem_tf import evaluation, figures, files, rundir
+from cagem_tf.config import ConfigError
 
-CLUSTER_KEYS = ("clusters_used", "mutual_information", "mean_entropy", "occupancy", "purity",
-                "nmi", "ari", "cluster_by_label", "agreement_pq", "cross_entropy_p_y")
+# results.json's cluster_use: how q(y|x) uses the clusters, and two pieces of the cascade.
+CLUSTER_USE_KEYS = ("clusters_used", "mutual_information", "mean_entropy", "occupancy",
+                    "purity", "nmi", "ari", "cluster_by_label", "agreement_pq",
+                    "cross_entropy_p_y")
 
 
 def evaluate(model_dir, checkpoint=None, iw_samples=(1, 10, 5000), subset=0, batch_size=100,
@@ -24,13 +27,13 @@ def evaluate(model_dir, checkpoint=None, iw_samples=(1, 10, 5000), subset=0, bat
     (RUN/evaluation; the figures to `figures_dir` when given)."""
     if not iw_samples or min(iw_samples) < 1 or subset < 0 or batch_size < 1 or (
             chunk_size is not None and chunk_size < 1):
-        raise rundir.RunError("--eval_iw_samples, --batch_size and --chunk_size must be >= 1 "
+        raise ConfigError("--eval_iw_samples, --batch_size and --chunk_size must be >= 1 "
                               "and --eval_subset >= 0")
     run = rundir.RunDir(model_dir)
     config, x, y, num_classes = rundir.evaluation_images(model_dir, subset, split, log)
     checkpoint = checkpoint or run.latest_checkpoint()  # one checkpoint, read once
     model = rundir.load_model(model_dir, checkpoint)
-    with rundir.Lock(model_dir, "evaluation"):
+    with files.Lock(model_dir, "evaluation"):
         n = len(x)
         os.makedirs(run.evaluation, exist_ok=True)
         partial = run.partial(checkpoint, split)
@@ -46,14 +49,13 @@ def evaluate(model_dir, checkpoint=None, iw_samples=(1, 10, 5000), subset=0, bat
             results["bounds"][str(s)] = {"mean": float(np.mean(values)),
                                          "stderr": float(np.std(values) / np.sqrt(n)),
                                          "per_image": os.path.relpath(path, run.path)}
-        clusters = evaluation.cluster_report(model, x, y, num_classes, seed)
+        clusters = evaluation.cluster_report(model, x, y, num_classes, seed,
+                                             classifiers=bool(config.labels))
         if config.labels:
             for key in ("error_p", "error_q", "error_posterior"):
                 results[key] = clusters[key]
             results["posterior_samples"] = evaluation.POSTERIOR_SAMPLES
-        results["cluster_use"] = {k: clusters[k] for k in CLUSTER_KEYS
-                                  if k in clusters and (config.labels or k not in (
-                                      "agreement_pq", "cross_entropy_p_y"))}
+        results["cluster_use"] = {k: v for k, v in clusters.items() if k in CLUSTER_USE_KEYS}
         latent = evaluation.latent_summary(model, x, seed)
         results.update({k: v for k, v in latent.items() if not k.endswith("_means")})
         files.write_json(os.path.join(run.evaluation, "results.json"), results)
@@ -109,7 +111,7 @@ def write_figures(model, x, y, latent, clusters, run: rundir.RunDir, seed, out_d
     images = figures.model_grids(model, x, [seed, 7])
     images["occupancy"] = figures.occupancy_chart(clusters["occupancy"])
     images["cluster_by_label"] = figures.cluster_label_chart(clusters["cluster_by_label"])
-    if model.z2_dim == 2:
+    if model.spec.z2_dim == 2:
         images["z2_mesh"], images["z2_mesh_class_conditional"] = figures.z2_mesh(model)
     writer = tf.summary.create_file_writer(run.logs("evaluation"))
     with writer.as_default(step=0):

@@ -13,17 +13,14 @@ reading back of a finished run (its model, its scored images).
                           the per-image IW bounds of one checkpoint's weights
 """
 
-import errno
-import fcntl
 import hashlib
 import os
-import socket
 import time
 
 import tensorflow as tf
 
-from cagem_tf import data
-from cagem_tf.files import read_json, write_json
+from cagem_tf import data, files, serving
+from cagem_tf.files import UserError, read_json, write_json
 from cagem_tf.config import MAY_CHANGE, Config, ConfigError
 from cagem_tf.model import CaGeM
 
@@ -32,55 +29,8 @@ MODEL = "model.json"
 LABELLED = "labelled_indices.json"
 
 
-class RunError(ValueError):
+class RunError(UserError, ValueError):
     """A run directory that cannot be used as asked; the message says what to do."""
-
-
-class Lock:
-    """The run directory's lock, held by the one process that writes into it (training, an
-    evaluation or an export); read-only use needs none.
-
-    An exclusive flock on RUN/.lock, which also names the holder (PID, host, since when). The
-    kernel drops the flock when its process dies however it dies, so a lock left by a killed
-    process is simply taken over. Use as a context manager.
-    """
-
-    FILE = ".lock"
-
-    def __init__(self, model_dir: str, purpose: str):
-        self.path = os.path.join(model_dir, self.FILE)
-        self.purpose = purpose
-        self.fd = None
-
-    def __enter__(self):
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise RunError(f"{os.path.dirname(self.path)} is in use by {holder}; wait for it "
-                           "to finish or stop it (a killed process leaves no lock behind)") \
-                from None
-        os.ftruncate(fd, 0)
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-        try:
-            os.write(fd, f"PID {os.getpid()} on {socket.gethostname()} ({self.purpose}) "
-                         f"since {stamp}\n".encode())
-        except OSError:  # a full disk: the flock holds all the same, unnamed
-            pass
-        self.fd = fd
-        return self
-
-    def __exit__(self, *exc):
-        if self.fd is not None:
-            os.ftruncate(self.fd, 0)
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
 
 
 class RunDir:
@@ -111,6 +61,11 @@ class RunDir:
     @property
     def export(self) -> str:
         return self.join("export")
+
+    def newest_export(self) -> str | None:
+        """The newest SavedModel version of the run (what TF Serving serves), or None."""
+        newest = serving.versions(self.export)
+        return os.path.join(self.export, str(newest[-1])) if newest else None
 
     @property
     def evaluation(self) -> str:
@@ -144,7 +99,7 @@ class RunDir:
 
 
 def _holds_anything(model_dir: str) -> bool:
-    return os.path.isdir(model_dir) and bool(set(os.listdir(model_dir)) - {Lock.FILE})
+    return os.path.isdir(model_dir) and bool(set(os.listdir(model_dir)) - {files.Lock.FILE})
 
 
 def set_aside(model_dir: str, log=print) -> None:
@@ -152,7 +107,7 @@ def set_aside(model_dir: str, log=print) -> None:
     deleted. Refused while another process holds the run's lock."""
     if not _holds_anything(model_dir):
         return
-    with Lock(model_dir, "moving the run aside"):
+    with files.Lock(model_dir, "moving the run aside"):
         aside = f"{model_dir.rstrip(os.sep)}.{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
         os.rename(model_dir, aside)
     log(f"--fresh: the earlier run in {model_dir} is kept as {aside}")

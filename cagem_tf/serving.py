@@ -29,11 +29,13 @@ import shutil
 import keras
 import tensorflow as tf
 
+from cagem_tf.files import UserError
+
 CLASSIFIER_SEED = (0, 0)      # classify and log_likelihood answer the same for the same input
 IW_SAMPLES = (1000,)          # the likelihood signatures of an export, by default
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """An export that cannot be written as asked."""
 
 
@@ -125,12 +127,17 @@ def _endpoints(model, iw_samples=IW_SAMPLES):
     return endpoints + [("encode", encode, [x_spec]), ("reconstruct", reconstruct, [x_spec])]
 
 
-def next_version(export_dir: str) -> int:
-    """1 + the largest integer version in export_dir (1 when there is none)."""
+def versions(export_dir: str) -> list[int]:
+    """The export versions in export_dir (its integer-named folders), oldest first; [] when
+    it does not exist."""
     if not os.path.isdir(export_dir):
-        return 1
-    versions = [int(name) for name in os.listdir(export_dir) if re.fullmatch(r"\d+", name)]
-    return max(versions, default=0) + 1
+        return []
+    return sorted(int(name) for name in os.listdir(export_dir) if re.fullmatch(r"\d+", name))
+
+
+def next_version(export_dir: str) -> int:
+    """1 + the largest version in export_dir (1 when there is none)."""
+    return max(versions(export_dir), default=0) + 1
 
 
 def export(model, export_dir: str, keep: int = 0, iw_samples=IW_SAMPLES) -> str:
@@ -168,7 +175,6 @@ def export(model, export_dir: str, keep: int = 0, iw_samples=IW_SAMPLES) -> str:
         raise ExportError(f"{final} appeared while exporting ({e}); the export is left in "
                           f"{tmp}") from None
     if keep > 0:
-        versions = sorted(int(n) for n in os.listdir(export_dir) if re.fullmatch(r"\d+", n))
-        for old in versions[:-keep]:
+        for old in versions(export_dir)[:-keep]:
             shutil.rmtree(os.path.join(export_dir, str(old)), ignore_errors=True)
     return final

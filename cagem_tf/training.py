@@ -13,11 +13,12 @@ import numpy as np
 import tensorflow as tf
 
 from cagem_tf import callbacks, clustering, data, files, objective, rundir, serving
-from cagem_tf.config import MAY_CHANGE, Config
+from cagem_tf.config import MAY_CHANGE, Config, ConfigError
+from cagem_tf.files import UserError
 from cagem_tf.model import CaGeM
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training stopped; the message says why and what was kept."""
 
 
@@ -30,7 +31,7 @@ def make_strategy(name: str, collective_timeout: int = 0) -> tf.distribute.Strat
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
         if "TF_CONFIG" not in os.environ:
-            raise rundir.RunError("--strategy multi_worker needs the TF_CONFIG environment "
+            raise ConfigError("--strategy multi_worker needs the TF_CONFIG environment "
                                   "variable describing the cluster")
         options = tf.distribute.experimental.CommunicationOptions(
             timeout_seconds=collective_timeout or None)
@@ -41,7 +42,7 @@ def make_strategy(name: str, collective_timeout: int = 0) -> tf.distribute.Strat
             tf.config.experimental_connect_to_cluster(resolver)
             tf.tpu.experimental.initialize_tpu_system(resolver)
         except (ValueError, tf.errors.OpError) as e:
-            raise rundir.RunError(f"--strategy tpu: no TPU found ({e}); use --strategy default")
+            raise ConfigError(f"--strategy tpu: no TPU found ({e}); use --strategy default")
         return tf.distribute.TPUStrategy(resolver)
     return tf.distribute.get_strategy()
 
@@ -49,12 +50,8 @@ def make_strategy(name: str, collective_timeout: int = 0) -> tf.distribute.Strat
 def build_model(config: Config, image_shape, num_clusters: int, alpha: float,
                 synchronized_bn: bool = False) -> CaGeM:
     """The CaGeM of `config`, compiled with Adam at the configured learning rate."""
-    model = CaGeM(image_shape=image_shape, num_clusters=num_clusters, z1_dim=config.z1_dim,
-                  z2_dim=config.z2_dim, hidden_lower=config.hidden_lower,
-                  hidden_upper=config.hidden_upper, skip_connection=config.skip_connection,
-                  num_samples=config.num_samples, seed=config.seed,
-                  synchronized_bn=synchronized_bn, y_init_stddev=config.y_init_stddev,
-                  shared_noise=config.shared_noise, precision=config.precision)
+    model = CaGeM(config.spec(), image_shape, num_clusters, seed=config.seed,
+                  synchronized_bn=synchronized_bn)
     clip = {"global_clipnorm": config.clip_norm} if config.clip_norm > 0 else {}
     model.compile(keras.optimizers.Adam(config.learning_rate, **clip), alpha=alpha,
                   cluster_usage=config.cluster_usage > 0,
@@ -62,38 +59,39 @@ def build_model(config: Config, image_shape, num_clusters: int, alpha: float,
     return model
 
 
-def _labelled_subset(arrays, config: Config, run: rundir.RunDir, resuming: bool):
-    """The labelled indices of the run, checked against those saved when it began."""
-    labelled = data.labelled_indices(arrays.y_train, config.labels, arrays.num_classes,
-                                     config.seed)
+def _keep_labelled_subset(labelled, run: rundir.RunDir, resuming: bool) -> None:
+    """Saves the run's labelled indices, or checks them against those saved when it began."""
     if resuming and os.path.isfile(run.labelled):
         if files.read_json(run.labelled) != labelled.tolist():
             raise rundir.RunError(f"{run.labelled} differs from the subset that --seed selects "
                                   "now (the data set changed?); add --fresh to start over")
     else:
         files.write_json(run.labelled, labelled.tolist())
-    return labelled
 
 
-def _callbacks(config: Config, run: rundir.RunDir, checkpoint, arrays, log, chief=True,
-               alpha: float = 0.0):
-    """KL warm-up, the departures' schedules, learning-rate decay, NaN stop, checkpoints; on the
-    chief also TensorBoard summaries (training, periodic evaluation, settings) and periodic
-    exports."""
-    schedule = callbacks.step_decay(config.learning_rate, config.lr_decay,
-                                    config.lr_decay_epochs)
-    fit_callbacks = [
-        callbacks.KLWarmup(config.warmup_epochs),
-        callbacks.Anneal("usage_weight", config.cluster_usage, config.departure_epochs),
-        callbacks.Anneal("pseudo_weight", config.pseudo_labels, config.departure_epochs),
-        callbacks.Anneal("code_weight", config.z2_code, config.departure_epochs),
-        callbacks.Anneal("label_weight", alpha * config.beta_start / config.beta,
-                         config.beta_epochs, end=alpha) if config.beta_start else None,
-        keras.callbacks.LearningRateScheduler(schedule),
-        keras.callbacks.TerminateOnNaN(),
-        checkpoint,
-    ]
-    fit_callbacks = [c for c in fit_callbacks if c is not None]
+def schedules(config: Config, model: CaGeM) -> list:
+    """The schedules of the model's scalar weights: the KL warm-up, the departures' anneals
+    to 0 and, with --beta_start, alpha's move to its value."""
+    epochs = config.departure_epochs
+    moved = [callbacks.KLWarmup(model.temperature, config.warmup_epochs),
+             callbacks.Anneal(model.usage_weight, config.cluster_usage, epochs),
+             callbacks.Anneal(model.pseudo_weight, config.pseudo_labels, epochs),
+             callbacks.Anneal(model.code_weight, config.z2_code, epochs)]
+    if config.beta_start:
+        moved.append(callbacks.Anneal(model.label_weight,
+                                      model.alpha * config.beta_start / config.beta,
+                                      config.beta_epochs, end=model.alpha, name="alpha"))
+    return moved
+
+
+def _callbacks(config: Config, run: rundir.RunDir, model, checkpoint, stop, arrays, log,
+               chief=True):
+    """The schedules, learning-rate decay, NaN stop, checkpoints; on the chief also
+    TensorBoard summaries (training, periodic evaluation, settings) and periodic exports."""
+    decay = callbacks.step_decay(config.learning_rate, config.lr_decay, config.lr_decay_epochs)
+    moved = schedules(config, model)
+    fit_callbacks = [stop, *moved, keras.callbacks.LearningRateScheduler(decay),
+                     keras.callbacks.TerminateOnNaN(), checkpoint]
     if not chief:
         return fit_callbacks
     n_eval = min(config.eval_subset, len(arrays.x_test))
@@ -103,7 +101,7 @@ def _callbacks(config: Config, run: rundir.RunDir, checkpoint, arrays, log, chie
         run, data.binarize_once(arrays.x_test[:n_eval], config.seed), arrays.y_test[:n_eval],
         arrays.num_classes, config.eval_every if n_eval else 0, config.eval_iw_samples,
         config.epochs, report_errors=bool(config.labels), seed=config.seed, log=log,
-        hparams=hparams))
+        hparams=hparams, schedules=moved, stop=stop))
     if config.export_every:
         fit_callbacks.append(callbacks.PeriodicExport(run.export, config.export_every,
                                                       checkpoint, config.keep_exports,
@@ -146,17 +144,18 @@ def train(config: Config, log=print) -> dict:
     arrays = data.hold_out(arrays, config.validation, config.seed)
     clusters = config.clusters or arrays.num_classes
     if config.labels and clusters != arrays.num_classes:
-        raise rundir.RunError(f"--clusters {clusters}: with labels, the clusters are the "
+        raise ConfigError(f"--clusters {clusters}: with labels, the clusters are the "
                               f"{arrays.num_classes} classes; leave --clusters at 0")
-    data.labelled_indices(arrays.y_train, config.labels, arrays.num_classes, config.seed)
+    labelled = data.labelled_indices(arrays.y_train, config.labels, arrays.num_classes,
+                                     config.seed)
     strategy = make_strategy(config.strategy, config.collective_timeout)
 
     if not is_chief(strategy):
-        return _train(config, arrays, clusters, strategy, log, chief=False)
+        return _train(config, arrays, labelled, clusters, strategy, log, chief=False)
     if config.fresh:
         rundir.set_aside(config.model_dir, log)
-    with rundir.Lock(config.model_dir, "training"):
-        return _train(config, arrays, clusters, strategy, log)
+    with files.Lock(config.model_dir, "training"):
+        return _train(config, arrays, labelled, clusters, strategy, log)
 
 
 def _worker_failure(error, checkpoint) -> str:
@@ -183,18 +182,15 @@ def is_chief(strategy) -> bool:
         "chief" not in resolver.cluster_spec().as_dict()
 
 
-def _train(config: Config, arrays, clusters: int, strategy, log, chief: bool = True) -> dict:
+def _train(config: Config, arrays, labelled, clusters: int, strategy, log,
+           chief: bool = True) -> dict:
     """The part of `train` that writes into the run directory, under its lock. A non-chief
     worker writes nothing there but its checkpoint shards, to a temporary folder it removes
     (saving is collective: every worker takes part); it restores from the chief's
     checkpoints, so the run directory must be on storage every worker sees."""
     run = rundir.RunDir(config.model_dir)
     if chief:
-        resuming = rundir.prepare(config, log=log)
-        labelled = _labelled_subset(arrays, config, run, resuming)
-    else:
-        labelled = data.labelled_indices(arrays.y_train, config.labels, arrays.num_classes,
-                                         config.seed)
+        _keep_labelled_subset(labelled, run, rundir.prepare(config, log=log))
     pseudo = None
     if config.pseudo_labels > 0 and len(labelled):
         log(f"k-means seeded by the {len(labelled)} labelled images for --pseudo_labels")
@@ -211,9 +207,10 @@ def _train(config: Config, arrays, clusters: int, strategy, log, chief: bool = T
                             synchronized_bn=strategy.num_replicas_in_sync > 1)
         scratch = None if chief else run.join(
             f".worker-{strategy.cluster_resolver.task_id}-scratch")
+        stop = callbacks.GracefulStop()
         checkpoint = callbacks.EpochCheckpoint(run.checkpoints, model,
                                                keep=config.keep_checkpoints, log=log,
-                                               scratch=scratch)
+                                               scratch=scratch, stop=stop)
         initial_epoch = checkpoint.restore()
     if chief:
         files.write_json(run.model, {k: v for k, v in model.get_config().items()
@@ -227,11 +224,7 @@ def _train(config: Config, arrays, clusters: int, strategy, log, chief: bool = T
     for line in plan(config, arrays, streams, model, initial_epoch):
         log(line)
     verbose = config.verbose if config.verbose >= 0 else (1 if sys.stdout.isatty() else 2)
-    stop = callbacks.GracefulStop()
-    fit_callbacks = [stop] + _callbacks(config, run, checkpoint, arrays, log, chief,
-                                        alpha=model.alpha)
-    for callback in fit_callbacks:
-        callback.stopper = stop
+    fit_callbacks = _callbacks(config, run, model, checkpoint, stop, arrays, log, chief)
     with warnings.catch_warnings():
         # Keras warns that its shuffle flag does not apply to a tf.data stream (shuffled here).
         warnings.filterwarnings("ignore", message="`shuffle=True` was passed")

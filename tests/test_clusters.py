@@ -88,11 +88,11 @@ def test_pseudo_labels_train_only_the_classifier_networks():
 
 
 def test_departures_anneal_to_zero_and_then_leave_the_papers_objective():
-    anneal = callbacks.Anneal("usage_weight", 2.0, epochs=4)
+    with_term, without = tiny_cagem(num_clusters=2), tiny_cagem(num_clusters=2)
+    anneal = callbacks.Anneal(with_term.usage_weight, 2.0, epochs=4)
     assert anneal.value(0) == 2.0 and anneal.value(2) == pytest.approx(1.0)
     assert anneal.value(4) == 0.0 and anneal.value(9) == 0.0
     x = (np.random.default_rng(0).random((8, 5)) < 0.5).astype(np.float32)
-    with_term, without = tiny_cagem(num_clusters=2), tiny_cagem(num_clusters=2)
     with_term.compile(keras.optimizers.SGD(0.1), cluster_usage=True)
     without.compile(keras.optimizers.SGD(0.1))
     with_term.usage_weight.assign(0.0)  # annealed out
@@ -180,10 +180,10 @@ def test_the_z2_code_is_the_cross_entropy_part_of_kl_y():
 
 
 def test_a_beta_schedule_moves_alpha_to_the_papers_value_and_stays_there():
-    ramp = callbacks.Anneal("label_weight", 50.0, epochs=4, end=10.0)
+    model = tiny_cagem(num_clusters=2)
+    ramp = callbacks.Anneal(model.label_weight, 50.0, epochs=4, end=10.0)
     assert ramp.value(0) == 50.0 and ramp.value(2) == pytest.approx(30.0)
     assert ramp.value(4) == 10.0 and ramp.value(40) == 10.0
-    model = tiny_cagem(num_clusters=2)
     model.compile(keras.optimizers.SGD(0.1), alpha=10.0)
     assert float(model.label_weight) == 10.0  # without a schedule: alpha throughout
     x = (np.random.default_rng(0).random((8, 5)) < 0.5).astype(np.float32)

@@ -32,7 +32,7 @@ def loop_over_y(model, x, terms):
     for k in range(model.num_clusters):
         y = np.zeros([1, 1, model.num_clusters], np.float32)
         y[..., k] = 1.0
-        loc, log_scale = (t.numpy() for t in model.q_z2([y, z1, x] if model.skip_connection
+        loc, log_scale = (t.numpy() for t in model.q_z2([y, z1, x] if model.spec.skip_connection
                                                         else [y, z1]))
         log_q_z2 = normal_log_prob(z2[k], loc, log_scale)
         kl_z2 = normal_kl_to_standard(loc, log_scale)

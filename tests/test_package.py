@@ -111,3 +111,26 @@ def test_each_module_imports_only_the_modules_above_it_in_docs_architecture():
                     name = "model"
                 if name != mine:
                     assert rank[name] < rank[mine], f"{path} imports {name}, which is not above it"
+
+
+def test_every_error_of_the_library_is_a_user_error_the_programs_catch():
+    import importlib
+    import pkgutil
+
+    import cagem_tf
+    from cagem_tf.files import UserError
+    errors = {}
+    for info in pkgutil.walk_packages(cagem_tf.__path__, "cagem_tf."):
+        if info.name.startswith("cagem_tf.cli"):  # the programs define flags when imported
+            continue
+        module = importlib.import_module(info.name)
+        for name, value in vars(module).items():
+            if isinstance(value, type) and issubclass(value, Exception) and \
+                    value.__module__ == info.name:
+                errors[f"{info.name}.{name}"] = value
+    assert len(errors) >= 7, errors
+    assert [name for name, error in errors.items() if not issubclass(error, UserError)] == []
+    # The programs catch the base class only: a new error class needs no edit there.
+    for program in ("train", "evaluate", "export", "classify"):
+        source = open(os.path.join(ROOT, "cagem_tf", "cli", f"{program}.py")).read()
+        assert "UserError as e" in source, program

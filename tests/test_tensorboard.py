@@ -89,15 +89,22 @@ def steps(url, run, tag):
 
 def test_train_and_evaluation_share_tags_and_the_epoch_step_axis(server):
     tags = json.loads(get(server, "/data/plugin/scalars/tags"))
-    shared = {"elbo", "log_px", "kl_z1", "kl_z2", "kl_y", "h_p", "h_q", "error_p", "error_q"}
+    shared = {"likelihood/elbo", "likelihood/log_px", "kl/kl_z1", "kl/kl_z2", "kl/kl_y",
+              "classifier/h_p", "classifier/h_q", "classifier/error_p", "classifier/error_q"}
     assert shared <= set(tags["train"]) and shared <= set(tags["eval"])
     for tag in shared:
         assert steps(server, "train", tag) == list(range(1, EPOCHS + 1)), tag
         assert steps(server, "eval", tag) == list(range(1, EPOCHS + 1)), tag
     # Settings that are not evaluated are logged once, in the training run.
-    once = {"learning_rate", "temperature", "alpha", "hours_left"}
+    once = {"schedule/learning_rate", "schedule/temperature", "schedule/alpha",
+            "time/hours_left"}
     assert once <= set(tags["train"]) and not once & set(tags["eval"])
-    assert {"iw_bound", "clusters_used", "mutual_information", "nmi"} <= set(tags["eval"])
+    assert {"likelihood/iw_bound", "clusters/clusters_used", "clusters/mutual_information",
+            "clusters/nmi"} <= set(tags["eval"])
+    # The groups the Time Series dashboard shows: the tags' sections.
+    sections = {tag.split("/")[0] for run in ("train", "eval") for tag in tags[run]}
+    assert {"likelihood", "kl", "clusters", "classifier", "schedule"} <= sections
+    assert "other" not in sections
 
 
 def test_projector_shows_the_latent_means_with_label_cluster_and_epoch(server, run):

@@ -55,15 +55,21 @@ def test_end_to_end_run(tiny_npz, tmp_path):
     labelled = json.load(open(os.path.join(run, "labelled_indices.json")))
     assert len(labelled) == 6
     assert tf.train.latest_checkpoint(os.path.join(run, "checkpoints")).endswith("ckpt-2")
-    assert {"elbo", "kl_z1", "kl_z2", "kl_y", "h_p", "error_p", "learning_rate", "temperature",
-            "alpha", "hours_left"} <= tags(os.path.join(run, "logs", "train"))
+    assert {"likelihood/elbo", "kl/kl_z1", "kl/kl_z2", "kl/kl_y", "classifier/h_p",
+            "classifier/error_p", "schedule/learning_rate", "schedule/temperature",
+            "schedule/alpha", "time/hours_left"} <= tags(os.path.join(run, "logs", "train"))
     eval_tags = tags(os.path.join(run, "logs", "eval"))
-    assert {"elbo", "iw_bound", "error_p", "error_q", "active_units_z1", "active_units_z2",
+    assert {"likelihood/elbo", "likelihood/iw_bound", "classifier/error_p",
+            "classifier/error_q", "kl/active_units_z1", "kl/active_units_z2",
             "kl_per_unit/z1", "kl_per_unit/z2", "samples", "class_conditional",
-            "reconstructions", "clusters_used", "mutual_information", "mean_entropy", "purity",
-            "nmi", "ari", "agreement_pq", "cross_entropy_p_y", "clusters/occupancy",
+            "reconstructions", "clusters/clusters_used", "clusters/mutual_information",
+            "clusters/mean_entropy", "clusters/purity", "clusters/nmi", "clusters/ari",
+            "classifier/agreement_pq", "classifier/cross_entropy_p_y", "clusters/occupancy",
             "clusters/cluster_by_label"} <= eval_tags
-    assert "learning_rate" not in eval_tags
+    assert "schedule/learning_rate" not in eval_tags
+    # Every scalar sits in a section: none falls to "other/".
+    assert not [t for t in tags(os.path.join(run, "logs", "train")) | eval_tags
+                if t.startswith("other/")]
     rows = open(os.path.join(run, "logs", "eval", "metadata.tsv")).read().splitlines()
     assert rows[0].split("\t") == ["label", "cluster", "epoch"] and len(rows) == 41
     assert {row.split("\t")[2] for row in rows[1:]} == {"2"}

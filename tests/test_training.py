@@ -137,7 +137,7 @@ def test_learns_clusters_from_a_handful_of_labels():
 def test_warmup_temperature_is_linear_in_steps():
     from cagem_tf.callbacks import KLWarmup, step_decay
     model = tiny_cagem()
-    warmup = KLWarmup(4)
+    warmup = KLWarmup(model.temperature, 4)
     warmup.set_model(model)
     warmup.set_params({"steps": 10})
     warmup.on_epoch_begin(0)
@@ -150,7 +150,7 @@ def test_warmup_temperature_is_linear_in_steps():
     warmup.on_epoch_begin(7)
     warmup.on_train_batch_begin(3)
     assert float(model.temperature) == 1.0
-    no_warmup = KLWarmup(0)
+    no_warmup = KLWarmup(model.temperature, 0)
     no_warmup.set_model(model)
     no_warmup.on_epoch_begin(0)
     assert float(model.temperature) == 1.0

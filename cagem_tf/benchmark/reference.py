@@ -46,4 +46,4 @@ class TiledCaGeM(CaGeM):
         # Nothing is projected ahead: the networks take x itself and tile it.
         x = self.flatten(x)
         return {"x": x, "q_z1": self.q_z1.distribution([x], training=training, collect=collect),
-                "q_y": x, "q_z2": x if self.skip_connection else None}
+                "q_y": x, "q_z2": x if self.spec.skip_connection else None}

@@ -62,9 +62,3 @@ def start(argv, hint: str = "") -> None:
         tf.config.threading.set_intra_op_parallelism_threads(intra)
         tf.config.threading.set_inter_op_parallelism_threads(inter)
 
-
-def user_errors() -> tuple:
-    """The exceptions whose message is a one-line answer to bad input."""
-    from cagem_tf import config, data, files, rundir, serving, training
-    return (config.ConfigError, data.DataError, rundir.RunError, training.TrainingError,
-            serving.ExportError, files.FileError)

@@ -10,7 +10,6 @@ one line, and the other images are still scored. Needs TensorFlow alone.
 
 import csv
 import json
-import os
 import re
 import sys
 
@@ -37,12 +36,11 @@ def _saved_model_path():
         sys.exit("error: give --saved_model DIR or --model_dir RUN (one of them)")
     if FLAGS.saved_model:
         return FLAGS.saved_model
-    export = os.path.join(FLAGS.model_dir, "export")
-    versions = [int(v) for v in os.listdir(export) if re.fullmatch(r"\d+", v)] \
-        if os.path.isdir(export) else []
-    if not versions:
+    from cagem_tf import rundir
+    newest = rundir.RunDir(FLAGS.model_dir).newest_export()
+    if newest is None:
         sys.exit(f"error: {FLAGS.model_dir} has no export yet; train an epoch or run cagem-export")
-    return os.path.join(export, str(max(versions)))
+    return newest
 
 
 def main(argv):
@@ -65,7 +63,7 @@ def main(argv):
     shape = model.signatures["classify"].structured_input_signature[1]["x"].shape[1:]
     try:
         loaded = images.load(FLAGS.images, shape)
-    except images.ImageError as e:
+    except files.UserError as e:
         sys.exit(f"error: {e}")
     for file, problem in loaded.errors.items():
         print(f"skipped {file}: {problem}", file=sys.stderr)
@@ -99,7 +97,7 @@ def main(argv):
 
     try:
         files.write_file(FLAGS.out, write)
-    except files.FileError as e:
+    except files.UserError as e:
         sys.exit(f"error: {e}")
     print(f"wrote {len(rows)} rows to {FLAGS.out}"
           + (f"; skipped {len(loaded.errors)} files" if loaded.errors else ""))

@@ -12,6 +12,7 @@ import sys
 from absl import flags
 
 from cagem_tf import cli
+from cagem_tf.files import UserError
 
 flags.DEFINE_string("model_dir", None, "Run directory written by the training program.")
 flags.DEFINE_string("checkpoint", None, "Checkpoint prefix; default: the latest.")
@@ -53,7 +54,7 @@ def main(argv):
                         FLAGS.batch_size, FLAGS.chunk_size, FLAGS.split, FLAGS.figures,
                         FLAGS.seed, iw_estimator=FLAGS.iw_estimator,
                         figures_dir=FLAGS.figures_dir)
-    except cli.user_errors() as e:
+    except UserError as e:
         sys.exit(f"error: {e}")
 
 

@@ -6,6 +6,7 @@ import sys
 from absl import flags
 
 from cagem_tf import cli
+from cagem_tf.files import UserError
 
 flags.DEFINE_string("model_dir", None, "Run directory written by the training program.")
 flags.DEFINE_string("checkpoint", None, "Checkpoint prefix (e.g. RUN/checkpoints/ckpt-40); "
@@ -19,7 +20,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     cli.start(argv)
-    from cagem_tf import rundir, serving
+    from cagem_tf import files, rundir, serving
     try:
         samples = [int(s) for s in FLAGS.export_iw_samples]
     except ValueError:
@@ -30,10 +31,10 @@ def main(argv):
         if FLAGS.export_dir:
             path = serving.export(model, FLAGS.export_dir, iw_samples=samples)
         else:
-            with rundir.Lock(FLAGS.model_dir, "export"):
+            with files.Lock(FLAGS.model_dir, "export"):
                 path = serving.export(model, rundir.RunDir(FLAGS.model_dir).export,
                                       iw_samples=samples)
-    except cli.user_errors() as e:
+    except UserError as e:
         sys.exit(f"error: {e}")
     print(f"exported {path}")
 

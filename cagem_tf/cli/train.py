@@ -9,7 +9,8 @@ import sys
 from absl import flags
 
 from cagem_tf import cli
-from cagem_tf.config import Config, ConfigError
+from cagem_tf.config import Config
+from cagem_tf.files import UserError
 
 for _name, _type, _default, _help, _choices in Config.fields():
     if _choices:
@@ -37,7 +38,7 @@ def main(argv):
     from cagem_tf import training
     try:
         training.train(config_from_flags())
-    except (ConfigError, *cli.user_errors()) as e:
+    except UserError as e:
         sys.exit(f"error: {e}")
 
 

@@ -325,15 +325,11 @@ class Summaries(keras.callbacks.Callback):
         shown = {k: v for k, v in {**values, **clusters}.items() if np.isscalar(v)}
         for name, value in shown.items():
             tf.summary.scalar(metrics.tag(name), value)
-        tf.summary.image("clusters/occupancy",
-                         figures.occupancy_chart(clusters["occupancy"])[None])
-        tf.summary.image("clusters/cluster_by_label",
-                         figures.cluster_label_chart(clusters["cluster_by_label"])[None])
-        tf.summary.histogram("kl_per_unit/z1", values["kl_z1_per_unit"])
-        tf.summary.histogram("kl_per_unit/z2", values["kl_z2_per_unit"])
-        grids = figures.model_grids(model, self.x_eval, [self.seed, step])
-        for name, image in grids.items():
-            tf.summary.image(name, image[None])
+        for name, image in figures.evaluation_images(model, self.x_eval, clusters,
+                                                     [self.seed, step]).items():
+            tf.summary.image(metrics.tag(name), image[None])
+        tf.summary.histogram("kl/kl_z1_per_unit", values["kl_z1_per_unit"])
+        tf.summary.histogram("kl/kl_z2_per_unit", values["kl_z2_per_unit"])
         figures.write_projector(self.run.logs("eval"), {
             "z2_means": values["z2_means"], "z1_means": values["z1_means"]}, {
             "label": self.y_eval, "cluster": np.argmax(clusters["q_y"], -1),

@@ -16,6 +16,8 @@ from cagem_tf.files import UserError
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("float32", "mixed_bfloat16")
+LIKELIHOODS = ("bernoulli", "discretized_logistic")
+ARCHITECTURES = ("mlp", "conv")
 # Fields that may differ when a run is resumed: they do not change what is being trained.
 MAY_CHANGE = ("epochs", "eval_every", "eval_iw_samples", "eval_subset", "export_every",
               "export_iw_samples",
@@ -126,6 +128,15 @@ class ModelSpec(_Settings):
                                 "numbers; the same objective in expectation).")
     classifier_samples: int = _field(10, "Samples of z1 over which the classifiers q(y|x) and "
                                      "p(y|x) average (evaluations and exports).")
+    likelihood: str = _field("bernoulli", "p(x|y,z1): bernoulli over images binarized anew "
+                             "every step (the paper's protocol); discretized_logistic over "
+                             "the 256 levels of 8-bit images, fed as they are (likelihoods "
+                             "also in bits per dimension).", choices=LIKELIHOODS)
+    architecture: str = _field("mlp", "Networks touching x: mlp (the paper's "
+                               "permutation-invariant ones) or conv (convolutions with batch "
+                               "normalization in q(z1|x) and the x inputs of q(y|z1,x) and "
+                               "q(z2|x,y,z1), transposed convolutions in p(x|y,z1); image "
+                               "height and width multiples of 4).", choices=ARCHITECTURES)
 
     LISTS = WIDTHS = ("hidden_lower", "hidden_upper")
 

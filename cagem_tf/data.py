@@ -18,7 +18,8 @@ import tensorflow as tf
 
 from cagem_tf.files import UserError
 
-TFDS_NAMES = ("mnist", "fashion_mnist", "kmnist", "omniglot")
+TFDS_NAMES = ("mnist", "fashion_mnist", "kmnist", "omniglot", "cifar10", "svhn_cropped")
+COLOURED = "coloured:"  # --dataset coloured:<data set>: each image tinted (`tinted`)
 IDX_FILES = {"x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
              "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte"}
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -26,7 +27,8 @@ NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 # fails in seconds instead of retrying for minutes.
 TFDS_HOSTS = {"mnist": "storage.googleapis.com",
               "fashion_mnist": "fashion-mnist.s3-website.eu-central-1.amazonaws.com",
-              "kmnist": "codh.rois.ac.jp", "omniglot": "github.com"}
+              "kmnist": "codh.rois.ac.jp", "omniglot": "github.com",
+              "cifar10": "www.cs.toronto.edu", "svhn_cropped": "ufldl.stanford.edu"}
 OMNIGLOT_SIZE = 28
 OMNIGLOT_TRAIN_DRAWINGS = 15  # of the 20 drawings of each character; the rest is the test set
 
@@ -37,7 +39,7 @@ class DataError(UserError, ValueError):
 
 @dataclasses.dataclass
 class Arrays:
-    """A labelled image data set: x uint8 [N,H,W,1], y int64 [N] in [0, num_classes)."""
+    """A labelled image data set: x uint8 [N,H,W,C] (C = 1 or 3), y int64 [N] in [0, num_classes)."""
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray
@@ -54,7 +56,10 @@ class Arrays:
 # Sources
 def load(dataset: str, data_dir: str | None = None, manual_dir: str | None = None,
          log=print) -> Arrays:
-    """A data set by tfds name (`TFDS_NAMES`), or a local `.npz` file or IDX directory."""
+    """A data set by tfds name (`TFDS_NAMES`), or a local `.npz` file or IDX directory;
+    "coloured:<any of these>" tints each of its images with a colour of its own (`tinted`)."""
+    if dataset.startswith(COLOURED):
+        return tinted(load(dataset[len(COLOURED):], data_dir, manual_dir, log))
     if dataset in TFDS_NAMES:
         return _from_tfds(dataset, data_dir, manual_dir, log)
     if os.path.isdir(dataset):
@@ -116,13 +121,14 @@ def _from_idx_dir(path) -> dict:
 
 
 def _as_images(x, what) -> np.ndarray:
-    """uint8 0-255 or float 0-1 images [N,H,W] or [N,H,W,1] -> uint8 [N,H,W,1]."""
+    """uint8 0-255 or float 0-1 images [N,H,W] or [N,H,W,C], C = 1 (grey) or 3 (colour) ->
+    uint8 [N,H,W,C]."""
     x = np.asarray(x)
     if x.ndim == 3:
         x = x[..., None]
-    if x.ndim != 4 or x.shape[-1] != 1:
-        raise DataError(f"{what}: images must be [N,H,W] or [N,H,W,1] grayscale, got shape "
-                        f"{list(x.shape)}")
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise DataError(f"{what}: images must be [N,H,W] or [N,H,W,C] with C = 1 (grey) or 3 "
+                        f"(colour), got shape {list(x.shape)}")
     if np.issubdtype(x.dtype, np.floating):
         if x.size and (np.nanmin(x) < 0 or np.nanmax(x) > 1 or np.isnan(x).any()):
             raise DataError(f"{what}: float images must lie in [0, 1]")
@@ -278,6 +284,39 @@ def binarize_once(images: np.ndarray, seed: int) -> np.ndarray:
     return (u * 255.0 < images).astype(np.float32)
 
 
+def observed(images: np.ndarray, likelihood: str, seed: int) -> np.ndarray:
+    """Images uint8 [N,...] as a model with `likelihood` sees them, float32 in [0, 1]:
+    binarized once (`binarize_once`) for "bernoulli", the levels / 255 for
+    "discretized_logistic". The test set of every evaluation."""
+    if likelihood == "bernoulli":
+        return binarize_once(images, seed)
+    return np.asarray(images, np.float32) / np.float32(255)
+
+
+def _observe(images, seed, likelihood: str):
+    """The training stream's version of `observed`: binarized anew with every seed."""
+    if likelihood == "bernoulli":
+        return binarize(images, seed)
+    return tf.cast(images, tf.float32) / 255.0
+
+
+def tinted(arrays: Arrays, seed: int = 0) -> Arrays:
+    """The coloured version of a grey data set: image i times a colour c_i of its own,
+    c_i ~ U[0,1]^3 divided by its largest channel (so that ink keeps full brightness in one
+    channel), drawn with `seed`, uint8 [N,H,W,3]; labels unchanged."""
+    if arrays.x_train.shape[-1] != 1:
+        raise DataError(f"{COLOURED}{arrays.name}: the images have colour already")
+    rng = np.random.default_rng(seed)
+
+    def tint(x):
+        colour = rng.random((len(x), 1, 1, 3), dtype=np.float32) + np.float32(1e-3)
+        colour /= colour.max(-1, keepdims=True)
+        return np.round(x.astype(np.float32) * colour).astype(np.uint8)
+
+    return Arrays(tint(arrays.x_train), arrays.y_train, tint(arrays.x_test), arrays.y_test,
+                  arrays.num_classes, COLOURED + arrays.name)
+
+
 def _with_noise_seeds(dataset, seed):
     """Pairs each element with a fresh stateless seed, new on every pass over the data."""
     seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
@@ -288,7 +327,7 @@ def _with_noise_seeds(dataset, seed):
 class Streams:
     """The training stream: one pass over the unlabelled set per epoch.
 
-    train yields {"x": [B,H,W,1]} and, with labels, "x_labelled" [L,H,W,1], "y_labelled" [L]
+    train yields {"x": [B,H,W,C]} and, with labels, "x_labelled" [L,H,W,C], "y_labelled" [L]
     (L = min(labelled_batch_size, N_l)); with pseudo-labels "y_pseudo" [B]. alpha uses N_u and
     N_l.
     """
@@ -299,9 +338,10 @@ class Streams:
 
 def streams(arrays: Arrays, labelled: np.ndarray, batch_size: int = 100,
             labelled_batch_size: int = 100, seed: int = 0,
-            pseudo_labels: np.ndarray | None = None) -> Streams:
+            pseudo_labels: np.ndarray | None = None, likelihood: str = "bernoulli") -> Streams:
     """The paper's streams: an unlabelled batch from the whole training set (labelled points
-    included) and a labelled batch from the labelled points at every step.
+    included) and a labelled batch from the labelled points at every step, each image as a
+    model with `likelihood` sees it (binarized anew every step for "bernoulli").
 
     pseudo_labels [N_train], when given, go with each unlabelled image as "y_pseudo".
     """
@@ -313,11 +353,11 @@ def streams(arrays: Arrays, labelled: np.ndarray, batch_size: int = 100,
     autotune = tf.data.AUTOTUNE
     if pseudo_labels is None:
         unlabelled = tf.data.Dataset.from_tensor_slices(arrays.x_train)
-        element = lambda x, s: {"x": binarize(x, s)}
+        element = lambda x, s: {"x": _observe(x, s, likelihood)}
     else:
         unlabelled = tf.data.Dataset.from_tensor_slices(
             (arrays.x_train, np.asarray(pseudo_labels, np.int32)))
-        element = lambda xy, s: {"x": binarize(xy[0], s), "y_pseudo": xy[1]}
+        element = lambda xy, s: {"x": _observe(xy[0], s, likelihood), "y_pseudo": xy[1]}
     unlabelled = (unlabelled.shuffle(n, seed=seed, reshuffle_each_iteration=True)
                   .batch(batch_size, drop_remainder=True))
     train = _with_noise_seeds(unlabelled, seed).map(element, num_parallel_calls=autotune)
@@ -327,7 +367,7 @@ def streams(arrays: Arrays, labelled: np.ndarray, batch_size: int = 100,
             (arrays.x_train[labelled], arrays.y_train[labelled].astype(np.int32)))
                  .repeat().shuffle(len(labelled), seed=seed + 1).batch(size, drop_remainder=True))
         pairs = _with_noise_seeds(pairs, seed + 2).map(
-            lambda xy, s: (binarize(xy[0], s), xy[1]), num_parallel_calls=autotune)
+            lambda xy, s: (_observe(xy[0], s, likelihood), xy[1]), num_parallel_calls=autotune)
         train = tf.data.Dataset.zip(train, pairs).map(
             lambda u, xy: {**u, "x_labelled": xy[0], "y_labelled": xy[1]})
     return Streams(train.prefetch(autotune), n, len(labelled))

@@ -8,7 +8,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from cagem_tf import clustering, files
+from cagem_tf import clustering, files, objective
 from cagem_tf.model import IW_CHUNK
 
 tfd = tfp.distributions
@@ -68,6 +68,11 @@ def periodic_metrics(model, x, y, iw_samples: int, seed: int = 0, batch_size: in
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + float(tf.reduce_sum(v))
     metrics = {k: v / len(x) for k, v in sums.items()}
+    if model.reports_bits:
+        metrics["bits_per_dim"] = float(objective.bits_per_dim(metrics["elbo"], model.data_dim))
+        if "iw_bound" in metrics:
+            metrics["iw_bits_per_dim"] = float(objective.bits_per_dim(metrics["iw_bound"],
+                                                                      model.data_dim))
     latent = latent_summary(model, x, seed)
     metrics.update({k: latent[k] for k in ("active_units_z1", "active_units_z2")})
     metrics["kl_z1_per_unit"] = np.array(latent["kl_z1_per_unit"])

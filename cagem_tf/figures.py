@@ -32,13 +32,16 @@ def reconstruction_grid(model, x):
     return grid(np.concatenate([x, model.reconstruct(x).numpy()]), len(x))
 
 
-def model_grids(model, x, seed, per_class: int = 10) -> dict:
-    """The three grids every report shows: 100 samples, one row of samples per cluster, and
-    the first 10 images of x over their reconstructions."""
+def evaluation_images(model, x, clusters: dict, seed, per_class: int = 10) -> dict:
+    """The images every evaluation shows (TensorBoard's and the report's): 100 samples, one
+    row of samples per cluster, the first 10 images of x over their reconstructions, and the
+    charts of a `cluster_report` (occupancy, cluster by label)."""
     seed = tf.constant(seed, tf.int32)
     return {"samples": grid(model.sample(100, seed=seed)[0].numpy(), 10),
             "class_conditional": class_grid(model, per_class, seed),
-            "reconstructions": reconstruction_grid(model, x[:10])}
+            "reconstructions": reconstruction_grid(model, x[:10]),
+            "occupancy": occupancy_chart(clusters["occupancy"]),
+            "cluster_by_label": cluster_label_chart(clusters["cluster_by_label"])}
 
 
 def _rendered(fig):

@@ -22,7 +22,7 @@ EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp")
 
 @dataclasses.dataclass
 class Loaded:
-    """names [N], x float32 [N,H,W,1] in [0,1], notes {name: text}, errors {name: text} for
+    """names [N], x float32 [N,H,W,C] in [0,1], notes {name: text}, errors {name: text} for
     the files that could not be used (not in names)."""
     names: list
     x: np.ndarray
@@ -35,19 +35,24 @@ class ImageError(UserError, ValueError):
 
 
 def _convert(image: np.ndarray, shape, notes: list) -> np.ndarray:
-    """[h,w,c] uint8 -> [H,W,1] float32 in [0,1], ink bright."""
+    """[h,w,c] uint8 -> [H,W,C] float32 in [0,1] for a model of `shape` (H,W,C): colour to
+    grey for a grey model (said in `notes`), grey to colour (three equal channels) for a
+    colour one; a grey image with a light background is inverted (ink bright, as in MNIST)."""
     image = tf.convert_to_tensor(image)
     if image.shape[-1] in (2, 4):  # drop alpha
         image = image[..., :-1]
-    if image.shape[-1] == 3:
+    if image.shape[-1] == 3 and shape[-1] == 1:
         image = tf.image.rgb_to_grayscale(image)
         notes.append("colour converted to grayscale")
+    elif image.shape[-1] == 1 and shape[-1] == 3:
+        image = tf.image.grayscale_to_rgb(image)
+        notes.append("grey converted to colour")
     image = tf.cast(image, tf.float32) / 255.0
     if tuple(image.shape[:2]) != tuple(shape[:2]):
         notes.append(f"resized from {image.shape[0]}x{image.shape[1]} to "
                      f"{shape[0]}x{shape[1]} (area)")
         image = tf.image.resize(image, shape[:2], method="area")
-    if float(tf.reduce_mean(image)) > 0.5:
+    if shape[-1] == 1 and float(tf.reduce_mean(image)) > 0.5:
         image = 1.0 - image
         notes.append("inverted (dark ink on a light background)")
     return tf.clip_by_value(image, 0.0, 1.0).numpy()
@@ -73,7 +78,7 @@ def _array_images(x: np.ndarray, shape, what: str) -> np.ndarray:
 
 
 def load(path: str, shape) -> Loaded:
-    """The images at `path` for a model of image shape `shape` (H, W, 1)."""
+    """The images at `path` for a model of image shape `shape` (H, W, C)."""
     from cagem_tf import data
     shape = tuple(shape)
     if os.path.isdir(path):

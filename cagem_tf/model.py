@@ -20,7 +20,7 @@ import tensorflow_probability as tfp
 
 from cagem_tf import objective
 from cagem_tf.config import ModelSpec
-from cagem_tf.networks import BernoulliNet, CategoricalNet, GaussianNet
+from cagem_tf.networks import LIKELIHOODS, CategoricalNet, GaussianNet
 
 tfd = tfp.distributions
 
@@ -91,15 +91,20 @@ class CaGeM(keras.Model):
                 "dtype": keras.DTypePolicy(spec.precision)}
         y_first = {**sync, "first_input_stddev": spec.y_init_stddev}
 
+        conv = spec.architecture == "conv"
+        image = lambda index: {"image_input": index, "image_shape": self.image_shape} \
+            if conv else {}
         # Inference model q(y,z1,z2|x); the comments give each network's inputs in order.
-        self.q_z1 = GaussianNet(z1_dim, lower, 1, name="q_z1", **sync)                 # x
-        self.q_y = CategoricalNet(K, lower, 2, name="q_y", **sync)                     # z1, x
+        self.q_z1 = GaussianNet(z1_dim, lower, 1, name="q_z1", **sync, **image(0))     # x
+        self.q_y = CategoricalNet(K, lower, 2, name="q_y", **sync, **image(1))         # z1, x
         self.q_z2 = GaussianNet(z2_dim, upper, 3 if skip_connection else 2, name="q_z2",
-                                **y_first)                                               # y, z1, x
+                                **y_first, **image(2))                                   # y, z1, x
         # Generative model p(x,y,z1,z2).
         self.p_y = CategoricalNet(K, upper, 1, name="p_y", **sync)                     # z2
         self.p_z1 = GaussianNet(z1_dim, upper, 2, name="p_z1", **y_first)               # y, z2
-        self.p_x = BernoulliNet(self.data_dim, lower, 2, name="p_x", **y_first)         # y, z1
+        heads = {"conv_heads": True, "image_shape": self.image_shape} if conv else {}
+        self.p_x = LIKELIHOODS[spec.likelihood](self.data_dim, lower, 2, name="p_x",
+                                                 **y_first, **heads)                     # y, z1
 
         self.temperature = self.add_weight(shape=(), initializer="ones", trainable=False,
                                            name="temperature")
@@ -159,6 +164,17 @@ class CaGeM(keras.Model):
             seed = self.seed_generator.next()
         return tf.cast(seed, tf.int32)
 
+    @property
+    def reports_bits(self) -> bool:
+        """Whether likelihoods are also given in bits per dimension: for 8-bit data."""
+        return self.spec.likelihood == "discretized_logistic"
+
+    @property
+    def max_iw_chunk(self) -> int:
+        """The most importance samples per chunk: a convolutional p(x|y,z1) holds feature maps
+        per sample (K x chunk x B of them), a Dense one only D values."""
+        return 10 if self.spec.architecture == "conv" else 1 << 30
+
     def q_z2_inputs(self, y, z1, x):
         """The inputs of q(z2|x,y,z1) in order: [y, z1, x], x only with the skip connection."""
         return [y, z1, x] if self.spec.skip_connection else [y, z1]
@@ -170,10 +186,12 @@ class CaGeM(keras.Model):
         q(z1|x) (batch [B], event [d1]) and the first-layer projections of x in q(y|z1,x) and
         q(z2|x,y,z1), each [B,H] (None without the skip connection)."""
         x = self.flatten(x)
-        return {"x": x,
+        project = {"training": training, "collect": collect}
+        return {"x": x, "x_observed": self.p_x.observe(x),
                 "q_z1": self.q_z1.distribution([x], training=training, collect=collect),
-                "q_y": self.q_y.project([None, x]),
-                "q_z2": self.q_z2.project([None, None, x]) if self.spec.skip_connection else None}
+                "q_y": self.q_y.project([None, x], **project),
+                "q_z2": self.q_z2.project([None, None, x], **project)
+                if self.spec.skip_connection else None}
 
     def latent_terms(self, x, num_samples: int | None = None, seed=None, training=False,
                      collect=True, x_parts=None):
@@ -183,7 +201,6 @@ class CaGeM(keras.Model):
         Returns the dict described in `cagem_tf.objective` (shapes [S,B], [S,B,K], [K,S,B]).
         """
         parts = self.x_parts(x, training, collect) if x_parts is None else x_parts
-        x = parts["x"]
         S = self.spec.num_samples if num_samples is None else num_samples
         seed_z1, seed_z2 = tfp.random.split_seed(self._seed(seed), n=2)
         q_z1 = parts["q_z1"]                                                      # batch [B]
@@ -213,7 +230,7 @@ class CaGeM(keras.Model):
             "log_p_z2": self.p_z2.log_prob(z2),
             "log_p_y": p_y.log_prob(tf.range(self.num_clusters)[:, None, None]),
             "log_p_z1": p_z1.log_prob(z1),
-            "log_p_x": p_x.log_prob(x),
+            "log_p_x": p_x.log_prob(parts["x_observed"]),
         }
 
     def elbo(self, x, num_samples: int | None = None, seed=None, training=False):
@@ -226,7 +243,6 @@ class CaGeM(keras.Model):
         each [S,B]: log_q_z1, log_q_y, log_q_z2, log_p_x, log_p_z1, log_p_y, log_p_z2 (the
         terms of `objective.sampled_log_weights`). `x_parts` as in `latent_terms`."""
         parts = self.x_parts(x) if x_parts is None else x_parts
-        x = parts["x"]
         seed_z1, seed_y, seed_z2 = tfp.random.split_seed(self._seed(seed), n=3)
         q_z1 = parts["q_z1"]
         z1 = q_z1.sample(num_samples, seed=seed_z1)                               # [S,B,d1]
@@ -238,7 +254,7 @@ class CaGeM(keras.Model):
         z2 = q_z2.sample(seed=seed_z2)                                            # [S,B,d2]
         return {"log_q_z1": q_z1.log_prob(z1), "log_q_y": q_y.log_prob(y),
                 "log_q_z2": q_z2.log_prob(z2),
-                "log_p_x": self.p_x.distribution([y_one_hot, z1]).log_prob(x),
+                "log_p_x": self.p_x.distribution([y_one_hot, z1]).log_prob(parts["x_observed"]),
                 "log_p_z1": self.p_z1.distribution([y_one_hot, z2]).log_prob(z1),
                 "log_p_y": self.p_y.distribution([z2]).log_prob(y),
                 "log_p_z2": self.p_z2.log_prob(z2)}
@@ -261,7 +277,8 @@ class CaGeM(keras.Model):
         """
         if estimator not in ("exact", "sampled"):
             raise ValueError(f"estimator {estimator!r}: use 'exact' or 'sampled'")
-        chunk_size = IW_CHUNK[estimator] if chunk_size is None else chunk_size
+        chunk_size = min(IW_CHUNK[estimator] if chunk_size is None else chunk_size,
+                         self.max_iw_chunk)
         parts = self.x_parts(x)
 
         def log_weights(chunk, chunk_seed):                                          # [C,B]
@@ -307,6 +324,7 @@ class CaGeM(keras.Model):
         how well p(x|y,z1) p(z1|y,z2) p(y|z2) explain x.
         """
         parts = self.x_parts(x)
+        chunk_size = min(chunk_size, self.max_iw_chunk)
 
         def log_weights(chunk, chunk_seed):                                        # [C,K,B]
             terms = self.latent_terms(parts["x"], chunk, chunk_seed, x_parts=parts)
@@ -345,12 +363,15 @@ class CaGeM(keras.Model):
 
     # ----------------------------------------------------------------------------------------
     # Generation and encoding
-    def sample(self, num_samples: int, y=None, seed=None, z2=None):
+    def sample(self, num_samples: int, y=None, seed=None, z2=None, draw: bool = False):
         """Ancestral samples: z2 ~ p(z2), y ~ p(y|z2) (or the given int y [N]), z1 ~ p(z1|y,z2).
 
-        Returns (probs [N, *image_shape] Bernoulli means of p(x|y,z1), y [N] int32).
+        Returns (mean [N, *image_shape], y [N] int32): the means E[x|y,z1] in [0, 1] of
+        p(x|y,z1) (a Bernoulli's probabilities); with `draw`, (mean, x, y) with x ~ p(x|y,z1)
+        in [0, 1] too.
         """
-        seed_z2, seed_y, seed_z1 = tfp.random.split_seed(self._seed(seed), n=3)
+        seed = self._seed(seed)
+        seed_z2, seed_y, seed_z1 = tfp.random.split_seed(seed, n=3)
         if z2 is None:
             z2 = self.p_z2.sample(num_samples, seed=seed_z2)                     # [N,d2]
         if y is None:
@@ -358,8 +379,12 @@ class CaGeM(keras.Model):
         y = tf.cast(y, tf.int32)
         y_one_hot = tf.one_hot(y, self.num_clusters)
         z1 = self.p_z1.distribution([y_one_hot, z2]).sample(seed=seed_z1)
-        probs = tf.sigmoid(self.p_x([y_one_hot, z1]))
-        return tf.reshape(probs, [-1, *self.image_shape]), y
+        images = lambda flat: tf.reshape(flat, [-1, *self.image_shape])
+        if not draw:
+            return images(self.p_x.mean([y_one_hot, z1])), y
+        mean, x = self.p_x.draw([y_one_hot, z1],
+                                tf.random.experimental.stateless_fold_in(seed, 1))
+        return images(mean), images(x), y
 
     def encode(self, x):
         """Means of q(z1|x) [B,d1] and of q(z2|x) = sum_y q(y|z1,x) q(z2|x,y,z1) [B,d2], taken at
@@ -371,12 +396,12 @@ class CaGeM(keras.Model):
         return z1, tf.einsum("bk,kbd->bd", q_y, z2_loc)
 
     def reconstruct(self, x):
-        """Bernoulli means of p(x|z1) = sum_y q(y|z1,x) p(x|y,z1) at the mean of q(z1|x)."""
+        """The means in [0, 1] of p(x|z1) = sum_y q(y|z1,x) p(x|y,z1) at the mean of q(z1|x)."""
         x = self.flatten(x)
         z1, _ = self.q_z1([x])
         q_y = tf.nn.softmax(self.q_y([z1, x]))
-        probs = tf.sigmoid(self.p_x([self.clusters(1), z1]))                     # [K,B,D]
-        return tf.reshape(tf.einsum("bk,kbd->bd", q_y, probs), [-1, *self.image_shape])
+        means = self.p_x.mean([self.clusters(1), z1])                            # [K,B,D]
+        return tf.reshape(tf.einsum("bk,kbd->bd", q_y, means), [-1, *self.image_shape])
 
     def call(self, x, training=False):
         """The ELBO per example [B]."""
@@ -441,9 +466,12 @@ class CaGeM(keras.Model):
         cluster_usage, pseudo_labels, z2_code: put the opt-in departures (`objective`'s
         weighted terms batch_usage, h_pseudo, h_z2_code) in the step; their weights are
         `usage_weight`, `pseudo_weight` and `code_weight`. The metrics are created here, one
-        `keras.metrics.Mean` per quantity the step so compiled returns.
+        `keras.metrics.Mean` per quantity the step so compiled returns, and the optimizer's
+        variables are built (every variable of the model exists already), so that a saved
+        optimizer always has them.
         """
         super().compile(optimizer=optimizer, **kwargs)
+        self.optimizer.build(self.trainable_variables)
         self.alpha = float(alpha)
         self.label_weight.assign(self.alpha)
         self.cluster_usage, self.pseudo_labels = bool(cluster_usage), bool(pseudo_labels)
@@ -452,6 +480,7 @@ class CaGeM(keras.Model):
                   "h_pseudo": self.pseudo_labels, "h_z2_code": self.z2_code}
         self.terms = tuple(t for t in objective.WEIGHTED_TERMS if active[t.name])
         names = ["loss", "elbo", "log_px", "kl_z1", "kl_z2", "kl_y", "batch_usage"]
+        names += ["bits_per_dim"] if self.reports_bits else []
         names += ["h_p", "h_q", "error_p", "error_q", "alpha"] if self.alpha > 0 else []
         names += ["h_pseudo"] if self.pseudo_labels else []
         names += ["h_z2_code"] if self.z2_code else []
@@ -467,7 +496,6 @@ class CaGeM(keras.Model):
         is loaded after, by Keras."""
         config = dict(config)
         self.compile(keras.optimizers.deserialize(config.pop("optimizer")), **config)
-        self.optimizer.build(self.trainable_variables)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         """Keras builds a model symbolically from a batch before `fit` under a tf.distribute
@@ -498,6 +526,8 @@ class CaGeM(keras.Model):
         values = {name: tf.reduce_mean(parts[name])
                   for name in ("objective", "elbo", "log_px", "kl_z1", "kl_z2", "kl_y")}
         values["batch_usage"] = objective.batch_usage(terms["q_y_logits"])
+        if self.reports_bits:
+            values["bits_per_dim"] = objective.bits_per_dim(values["elbo"], self.data_dim)
         if self.alpha > 0 and "x_labelled" in data:
             # Batch moments normalise the labelled pass; BN statistics are not collected.
             log_q, log_p = self.class_log_probs(data["x_labelled"], self.spec.num_samples,

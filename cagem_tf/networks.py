@@ -8,13 +8,26 @@ afterwards: x is projected once per example, a one-hot y once per cluster.
 
 `call` returns plain tensors (a SavedModel cannot carry TFP distributions); `distribution` wraps
 them in the `tfd` distribution named in each class.
+
+Architectures: "mlp" (the paper's permutation-invariant networks) uses Dense layers only. With
+"conv", an input that is an image x (given flattened, [..., D], D = H*W*C) is projected by
+`ConvProjection`: two stride-2 3x3 convolutions with batch normalization and ReLU, then the
+Dense projection, still once per example; and p(x|y,z1) ends in `ConvHead`s: a Dense map to a
+[H/4, W/4, 64] grid and two stride-2 transposed convolutions to the image, per head.
+
+Likelihoods of x (images in [0, 1]): `BernoulliNet` for binarized data; for 8-bit data
+`DiscretizedLogisticNet`, a logistic over the 256 levels with its tails folded into levels 0 and
+255 (TFP's QuantizedDistribution), so that the probabilities of the 256 levels sum to 1.
 """
 
 from collections.abc import Sequence
 
 import keras
+import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
+
+from cagem_tf.config import ConfigError
 
 tfd = tfp.distributions
 
@@ -76,7 +89,11 @@ class Conditional(keras.Model):
 
     def __init__(self, num_inputs: int, hidden: Sequence[int], head_units: dict[str, int],
                  bn_momentum: float = 0.9, synchronized_bn: bool = False,
-                 first_input_stddev: float = 0.0, **kwargs):
+                 first_input_stddev: float = 0.0, image_input: int | None = None,
+                 image_shape: Sequence[int] | None = None, conv_heads: bool = False, **kwargs):
+        """image_input: the index of the input that is an image x (flattened), projected by a
+        `ConvProjection` of `image_shape`; conv_heads: the heads are `ConvHead`s of
+        `image_shape` (each head's units must be its D)."""
         super().__init__(**kwargs)
         hidden = tuple(int(h) for h in hidden)
         if not hidden or min(hidden) <= 0:
@@ -90,10 +107,14 @@ class Conditional(keras.Model):
         # Under a mixed policy (`dtype`) the layers compute in bfloat16 and keep float32
         # variables; the heads' outputs are cast to float32 (see `call`).
         policy = self.dtype_policy
-        self.projections = [keras.layers.Dense(hidden[0], use_bias=False, name=f"input_{i}",
-                                               kernel_initializer=first if i == 0
-                                               else "glorot_uniform", dtype=policy)
-                            for i in range(num_inputs)]
+        bn = {"momentum": bn_momentum, "synchronized": synchronized_bn, "dtype": policy}
+        self.projections = [
+            ConvProjection(image_shape, hidden[0], bn, name=f"input_{i}")
+            if i == image_input else
+            keras.layers.Dense(hidden[0], use_bias=False, name=f"input_{i}",
+                               kernel_initializer=first if i == 0 else "glorot_uniform",
+                               dtype=policy)
+            for i in range(num_inputs)]
         self.hidden_layers = [keras.layers.Dense(w, use_bias=False, name=f"hidden_{i + 1}",
                                                  dtype=policy)
                               for i, w in enumerate(hidden[1:])]
@@ -103,11 +124,15 @@ class Conditional(keras.Model):
                       for i in range(len(hidden))]
         # Scale heads start at zero (sigma = 1 everywhere): batch-normalised sparse ReLU features
         # can otherwise give log sigma of +-10 at initialisation, and KL terms of 1e8.
-        self.heads = [keras.layers.Dense(units, name=name, kernel_initializer=(
-            "zeros" if name == "log_scale" else "glorot_uniform"), dtype=policy)
-            for name, units in head_units.items()]
+        if conv_heads:
+            self.heads = [ConvHead(image_shape, bn, zero=name == "log_scale", name=name)
+                          for name in head_units]
+        else:
+            self.heads = [keras.layers.Dense(units, name=name, kernel_initializer=(
+                "zeros" if name == "log_scale" else "glorot_uniform"), dtype=policy)
+                for name, units in head_units.items()]
 
-    def project(self, inputs, projected=None):
+    def project(self, inputs, projected=None, training=None, collect=True):
         """sum_i W_i u_i over the inputs that are not None, plus `projected`: the first layer
         before normalization.
 
@@ -117,8 +142,9 @@ class Conditional(keras.Model):
         """
         if len(inputs) != self.num_inputs:
             raise ValueError(f"{self.name} takes {self.num_inputs} inputs, got {len(inputs)}")
-        terms = [projection(u) for projection, u in zip(self.projections, inputs)
-                 if u is not None]
+        terms = [projection(u, training=training, collect=collect)
+                 if isinstance(projection, ConvProjection) else projection(u)
+                 for projection, u in zip(self.projections, inputs) if u is not None]
         if projected is not None:
             terms.append(projected)
         h = terms[0]
@@ -127,13 +153,80 @@ class Conditional(keras.Model):
         return h
 
     def call(self, inputs, training=None, collect=True, projected=None):
-        h = self.project(inputs, projected)
+        h = self.project(inputs, projected, training, collect)
         h = tf.nn.relu(self.norms[0](h, training=training, collect=collect))
         for dense, norm in zip(self.hidden_layers, self.norms[1:]):
             h = tf.nn.relu(norm(dense(h), training=training, collect=collect))
         # Densities, KL terms and the loss are computed in float32 whatever the policy.
-        outputs = tuple(tf.cast(head(h), tf.float32) for head in self.heads)
+        outputs = tuple(tf.cast(head(h, training=training, collect=collect)
+                                if isinstance(head, ConvHead) else head(h), tf.float32)
+                        for head in self.heads)
         return outputs if len(outputs) > 1 else outputs[0]
+
+
+def _check_image_shape(image_shape) -> tuple[int, int, int]:
+    h, w, c = (int(d) for d in image_shape)
+    if h % 4 or w % 4:
+        raise ConfigError(f"--architecture conv: images of {h}x{w} pixels; the convolutions "
+                          "halve them twice, so height and width must be multiples of 4 (e.g. "
+                          "28, 32): use --architecture mlp, or resize the images")
+    return h, w, c
+
+
+def _leading(x, last_dims: int):
+    """The leading shape of x before its `last_dims` last axes."""
+    return tf.shape(x)[:tf.rank(x) - last_dims]
+
+
+class ConvProjection(keras.layers.Layer):
+    """x [..., D] (D = H*W*C, an image flattened) -> [..., units]: Conv(32, 3x3, stride 2),
+    BN, ReLU, Conv(64, 3x3, stride 2), BN, ReLU, flattened, then a Dense map without bias (the
+    first layer's batch normalization follows, in `Conditional`)."""
+
+    def __init__(self, image_shape, units: int, bn: dict, **kwargs):
+        super().__init__(dtype=bn["dtype"], **kwargs)
+        self.image_shape = _check_image_shape(image_shape)
+        self.convs = [keras.layers.Conv2D(f, 3, strides=2, padding="same", use_bias=False,
+                                          name=f"conv_{i}", dtype=bn["dtype"])
+                      for i, f in enumerate((32, 64))]
+        self.norms = [BatchNorm(name=f"conv_bn_{i}", **bn) for i in range(2)]
+        self.dense = keras.layers.Dense(units, use_bias=False, name="dense", dtype=bn["dtype"])
+
+    def call(self, x, training=None, collect=True):
+        lead = _leading(x, 1)
+        h = tf.reshape(x, [-1, *self.image_shape])
+        for conv, norm in zip(self.convs, self.norms):
+            h = tf.nn.relu(norm(conv(h), training=training, collect=collect))
+        h = tf.reshape(h, [tf.shape(h)[0], int(np.prod(h.shape[1:]))])
+        out = self.dense(h)
+        return tf.reshape(out, tf.concat([lead, [out.shape[-1]]], 0))
+
+
+class ConvHead(keras.layers.Layer):
+    """h [..., F] -> [..., D] for images [H,W,C]: Dense to [H/4, W/4, 64], BN, ReLU,
+    ConvTranspose(32, 3x3, stride 2), BN, ReLU, ConvTranspose(C, 3x3, stride 2), flattened.
+    `zero`: the last kernel starts at zero (a log-scale head: sigma = 1 at the start)."""
+
+    def __init__(self, image_shape, bn: dict, zero: bool = False, **kwargs):
+        super().__init__(dtype=bn["dtype"], **kwargs)
+        h, w, c = self.image_shape = _check_image_shape(image_shape)
+        self.grid = (h // 4, w // 4, 64)
+        self.dense = keras.layers.Dense(int(np.prod(self.grid)), use_bias=False, name="dense",
+                                        dtype=bn["dtype"])
+        self.up = keras.layers.Conv2DTranspose(32, 3, strides=2, padding="same", use_bias=False,
+                                               name="up_0", dtype=bn["dtype"])
+        self.out = keras.layers.Conv2DTranspose(c, 3, strides=2, padding="same", name="up_1",
+                                                kernel_initializer="zeros" if zero
+                                                else "glorot_uniform", dtype=bn["dtype"])
+        self.norms = [BatchNorm(name=f"up_bn_{i}", **bn) for i in range(2)]
+
+    def call(self, h, training=None, collect=True):
+        lead = _leading(h, 1)
+        g = tf.reshape(self.dense(tf.reshape(h, [-1, h.shape[-1]])), [-1, *self.grid])
+        g = tf.nn.relu(self.norms[0](g, training=training, collect=collect))
+        g = tf.nn.relu(self.norms[1](self.up(g), training=training, collect=collect))
+        out = self.out(g)
+        return tf.reshape(out, tf.concat([lead, [int(np.prod(self.image_shape))]], 0))
 
 
 LOG_SCALE_BOUND = 10.0
@@ -185,7 +278,75 @@ class BernoulliNet(Conditional):
     def __init__(self, dim: int, hidden: Sequence[int], num_inputs: int, **kwargs):
         super().__init__(num_inputs, hidden, {"logits": dim}, **kwargs)
 
+    @staticmethod
+    def observe(x):
+        """What the distribution is over, from images x in [0, 1]: x itself (binary)."""
+        return x
+
     def distribution(self, inputs, training=None, collect=True, projected=None):
         logits = self(inputs, training=training, collect=collect, projected=projected)
         return tfd.Independent(tfd.Bernoulli(logits=logits, dtype=tf.float32),
                                reinterpreted_batch_ndims=1)
+
+    def mean(self, inputs):
+        """E[x] in [0, 1], [..., D]: the pixels' probabilities."""
+        return tf.sigmoid(self(inputs))
+
+    def draw(self, inputs, seed):
+        """(E[x], a sample of x) in [0, 1], each [..., D], from a stateless seed."""
+        probs = self.mean(inputs)
+        return probs, tf.cast(tf.random.stateless_uniform(tf.shape(probs), seed) < probs,
+                              tf.float32)
+
+
+LEVELS = 256
+
+
+class DiscretizedLogisticNet(Conditional):
+    """Independent discretized logistics over the D pixels of 8-bit images: pixel level
+    k = 255 x in {0..255} has P(k) = F(k + 1/2) - F(k - 1/2) for 0 < k < 255, P(0) = F(1/2),
+    P(255) = 1 - F(254.5), with F the CDF of Logistic(mu, s): the 256 probabilities sum to 1.
+    mu = 127.5 (1 + m) and s = 127.5 exp(l) for the linear heads m and l (l bounded like the
+    Gaussians' log sigma), in levels. Built from TFP: QuantizedDistribution(Logistic(mu - 1/2,
+    s), low=0, high=255), whose integer j takes (j - 1, j], i.e. Logistic(mu) on
+    (j - 1/2, j + 1/2].
+
+    `call` -> (loc m, log_scale l), each [..., D]. `distribution` -> over the levels k,
+    batch [...], event [D]; `observe` maps images x in [0, 1] to their levels.
+    """
+
+    def __init__(self, dim: int, hidden: Sequence[int], num_inputs: int, **kwargs):
+        super().__init__(num_inputs, hidden, {"loc": dim, "log_scale": dim}, **kwargs)
+
+    @staticmethod
+    def observe(x):
+        return tf.round(x * (LEVELS - 1))
+
+    def _levels(self, inputs, training=None, collect=True, projected=None):
+        m, l = self(inputs, training=training, collect=collect, projected=projected)
+        half = (LEVELS - 1) / 2
+        return half * (1.0 + m), half * tf.exp(LOG_SCALE_BOUND * tf.tanh(l / LOG_SCALE_BOUND))
+
+    def distribution(self, inputs, training=None, collect=True, projected=None):
+        loc, scale = self._levels(inputs, training, collect, projected)
+        levels = tfd.QuantizedDistribution(tfd.Logistic(loc - 0.5, scale), low=0.0,
+                                           high=float(LEVELS - 1))
+        return tfd.Independent(levels, reinterpreted_batch_ndims=1)
+
+    def mean(self, inputs):
+        """E[x] in [0, 1], [..., D], of the logistic before its tails are folded in: mu,
+        clipped to the levels' range (within a fraction of a level of the discretized mean
+        unless s is large)."""
+        loc, _ = self._levels(inputs)
+        return tf.clip_by_value(loc, 0.0, LEVELS - 1.0) / (LEVELS - 1)
+
+    def draw(self, inputs, seed):
+        """(E[x], a sample of x) in [0, 1], each [..., D], from a stateless seed."""
+        loc, scale = self._levels(inputs)
+        u = tf.random.stateless_uniform(tf.shape(loc), seed, minval=1e-6, maxval=1 - 1e-6)
+        level = tf.clip_by_value(tf.round(loc + scale * (tf.math.log(u) - tf.math.log1p(-u))),
+                                 0.0, LEVELS - 1.0)
+        return tf.clip_by_value(loc, 0.0, LEVELS - 1.0) / (LEVELS - 1), level / (LEVELS - 1)
+
+
+LIKELIHOODS = {"bernoulli": BernoulliNet, "discretized_logistic": DiscretizedLogisticNet}

@@ -27,6 +27,7 @@ model's scalar variables (moved by a schedule) and reaching only the variables o
 """
 
 import collections
+import math
 
 import tensorflow as tf
 
@@ -109,6 +110,11 @@ def sampled_log_weights(terms):
     """
     log_p = terms["log_p_x"] + terms["log_p_z1"] + terms["log_p_y"] + terms["log_p_z2"]
     return log_p - terms["log_q_z1"] - terms["log_q_y"] - terms["log_q_z2"]
+
+
+def bits_per_dim(log_likelihood, num_dims: int):
+    """-log p / (D ln 2): nats per image as bits per dimension (pixel value)."""
+    return -log_likelihood / (num_dims * math.log(2.0))
 
 
 def log_mean_exp(log_w, axis=0):

@@ -11,7 +11,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from cagem_tf import evaluation, figures, files, rundir
+from cagem_tf import evaluation, figures, files, objective, rundir
 from cagem_tf.config import ConfigError
 
 # results.json's cluster_use: how q(y|x) uses the clusters, and two pieces of the cascade.
@@ -49,6 +49,9 @@ def evaluate(model_dir, checkpoint=None, iw_samples=(1, 10, 5000), subset=0, bat
             results["bounds"][str(s)] = {"mean": float(np.mean(values)),
                                          "stderr": float(np.std(values) / np.sqrt(n)),
                                          "per_image": os.path.relpath(path, run.path)}
+            if model.reports_bits:
+                results["bounds"][str(s)]["bits_per_dim"] = float(
+                    objective.bits_per_dim(np.mean(values), model.data_dim))
         clusters = evaluation.cluster_report(model, x, y, num_classes, seed,
                                              classifiers=bool(config.labels))
         if config.labels:
@@ -75,6 +78,8 @@ def markdown(results) -> str:
              "| measure | value |", "|---|---|"]
     for s, bound in results["bounds"].items():
         lines.append(f"| F_{s} (nats) | {bound['mean']:.2f} ± {bound['stderr']:.2f} |")
+        if "bits_per_dim" in bound:
+            lines.append(f"| F_{s} (bits per dimension) | {bound['bits_per_dim']:.4f} |")
     for key, name in (("error_p", "test error p(y|x), cascade (the paper's)"),
                       ("error_posterior", "test error p(y|x), the model's posterior (IS-"
                        f"{results.get('posterior_samples')})"),
@@ -108,9 +113,7 @@ def write_figures(model, x, y, latent, clusters, run: rundir.RunDir, seed, out_d
     PCA of z1 and z2 means (Figure 5), and with dim(z2) = 2 the z2 mesh (Figure 3)."""
     out_dir = out_dir or run.evaluation
     os.makedirs(out_dir, exist_ok=True)
-    images = figures.model_grids(model, x, [seed, 7])
-    images["occupancy"] = figures.occupancy_chart(clusters["occupancy"])
-    images["cluster_by_label"] = figures.cluster_label_chart(clusters["cluster_by_label"])
+    images = figures.evaluation_images(model, x, clusters, [seed, 7])
     if model.spec.z2_dim == 2:
         images["z2_mesh"], images["z2_mesh_class_conditional"] = figures.z2_mesh(model)
     writer = tf.summary.create_file_writer(run.logs("evaluation"))

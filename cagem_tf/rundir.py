@@ -169,8 +169,8 @@ def load_model(model_dir: str, checkpoint: str | None = None, precision: str = "
 
 def evaluation_images(model_dir: str, subset: int = 0, split: str = "test", log=print):
     """(config, x, y, num_classes) of a run: the first `subset` images (0: all) of its test
-    split or of its --validation hold-out, binarized once with the run's seed, as every
-    evaluation scores them."""
+    split or of its --validation hold-out, as the model sees them (`data.observed`: binarized
+    once with the run's seed for a Bernoulli likelihood), as every evaluation scores them."""
     config = RunDir(model_dir).read_config()
     arrays = data.load(config.dataset, config.data_dir, config.manual_dir, log=log)
     if split == "validation":
@@ -178,5 +178,5 @@ def evaluation_images(model_dir: str, subset: int = 0, split: str = "test", log=
             raise RunError(f"{model_dir} was trained without --validation")
         arrays = data.hold_out(arrays, config.validation, config.seed)
     n = min(subset or len(arrays.x_test), len(arrays.x_test))
-    return (config, data.binarize_once(arrays.x_test[:n], config.seed), arrays.y_test[:n],
-            arrays.num_classes)
+    return (config, data.observed(arrays.x_test[:n], config.likelihood, config.seed),
+            arrays.y_test[:n], arrays.num_classes)

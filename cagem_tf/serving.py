@@ -7,19 +7,23 @@ row's answer depends on that row alone, never on the other rows batched with it.
 
   classify(x)                 -> p_y [N,K] (the cascade p(y|x)), q_y [N,K] (q(y|x)),
                                  label [N] int32: argmax q(y|x)      (serving_default)
-  sample(seed)                -> probs [N,H,W,1], images [N,H,W,1], y [N] int32
+  sample(seed)                -> probs [N,H,W,C] (the means of p(x|y,z1) in [0, 1]: a
+                                 Bernoulli's probabilities), images [N,H,W,C] (a sample of
+                                 p(x|y,z1): binary, or 8-bit levels / 255), y [N] int32
   sample_class(y, seed)       -> probs, images
   log_likelihood_<S>(x)       -> log_likelihood [N] (nats, the importance-weighted bound with S
                                  samples, y summed in every weight)
   log_likelihood_sampled_<S>(x) -> log_likelihood [N] (the same bound with y drawn from
                                  q(y|z1,x) per sample: about K/1.4 times cheaper per sample)
   encode(x)                   -> z1 [N,d1], z2 [N,d2] (means; z2 with y marginalised)
-  reconstruct(x)              -> probs [N,H,W,1]
-x is float32 [N,H,W,1] in [0,1]; y and seed are int32 [N]: one sample per seed, the same seed
+  reconstruct(x)              -> probs [N,H,W,C] (means in [0, 1])
+x is float32 [N,H,W,C] in [0,1] (C = 1 or 3, as trained; 8-bit data as level / 255); y and seed are int32 [N]: one sample per seed, the same seed
 gives the same sample, a negative seed draws fresh randomness. S is fixed per signature (the
 export's `iw_samples`). Inputs are checked in the graph: a bad one fails with a message naming
 the expected shape or range. Versions follow TF Serving: DIR/<integer>/, written aside and
-renamed into place.
+renamed into place. The SavedModel's `likelihood` attribute (a list of one string variable,
+`tf.saved_model.load(path).likelihood[0]`) names p(x|y,z1):
+"bernoulli" (x binarized, as in training) or "discretized_logistic" (x the 8-bit levels / 255).
 """
 
 import os
@@ -66,11 +70,6 @@ def _endpoints(model, iw_samples=IW_SAMPLES):
         with tf.control_dependencies(checks):
             return tf.identity(x)
 
-    def binary(probs, seed):
-        noise_seed = tf.random.experimental.stateless_fold_in(seed, 1)
-        return tf.cast(tf.random.stateless_uniform(tf.shape(probs), noise_seed) < probs,
-                       tf.float32)
-
     def classify(x):
         def row(xi):
             p_y, q_y = model.classify(xi[None], seed=fixed)
@@ -82,8 +81,8 @@ def _endpoints(model, iw_samples=IW_SAMPLES):
 
     def one_sample(y, seed):
         seed = _stateless_seed(seed)
-        probs, y = model.sample(1, y=None if y is None else y[None], seed=seed)
-        return probs[0], binary(probs, seed)[0], y[0]
+        mean, x, y = model.sample(1, y=None if y is None else y[None], seed=seed, draw=True)
+        return mean[0], x[0], y[0]
 
     def sample(seed):
         probs, binary_images, y = _per_row(lambda s: one_sample(None, s), seed,
@@ -158,6 +157,10 @@ def export(model, export_dir: str, keep: int = 0, iw_samples=IW_SAMPLES) -> str:
     tmp = os.path.join(export_dir, f".tmp-{version}-{os.getpid()}")
     archive = keras.export.ExportArchive()
     archive.track(model)
+    # What x is to the model, for its clients (cagem-classify binarizes for "bernoulli"): a
+    # string variable, read with tf.saved_model.load(path).likelihood[0].numpy().
+    archive.add_variable_collection("likelihood", [
+        tf.Variable(model.spec.likelihood, trainable=False, name="likelihood")])
     if not iw_samples or min(iw_samples) < 1:
         raise ExportError(f"iw_samples {list(iw_samples)}: give one or more positive counts")
     for name, fn, signature in _endpoints(model, tuple(int(s) for s in iw_samples)):

@@ -98,7 +98,8 @@ def _callbacks(config: Config, run: rundir.RunDir, model, checkpoint, stop, arra
     hparams = {k: (v if isinstance(v, (bool, int, float, str)) else str(v))
                for k, v in config.to_dict().items() if k not in MAY_CHANGE}
     fit_callbacks.append(callbacks.Summaries(
-        run, data.binarize_once(arrays.x_test[:n_eval], config.seed), arrays.y_test[:n_eval],
+        run, data.observed(arrays.x_test[:n_eval], config.likelihood, config.seed),
+        arrays.y_test[:n_eval],
         arrays.num_classes, config.eval_every if n_eval else 0, config.eval_iw_samples,
         config.epochs, report_errors=bool(config.labels), seed=config.seed, log=log,
         hparams=hparams, schedules=moved, stop=stop))
@@ -200,7 +201,7 @@ def _train(config: Config, arrays, labelled, clusters: int, strategy, log,
         log(f"k-means ({clusters} centres) of the training images for --pseudo_labels")
         pseudo = clustering.kmeans(arrays.x_train / np.float32(255), clusters, config.seed)
     streams = data.streams(arrays, labelled, config.batch_size, config.labelled_batch_size,
-                           config.seed, pseudo_labels=pseudo)
+                           config.seed, pseudo_labels=pseudo, likelihood=config.likelihood)
     alpha = objective.alpha(config.beta, streams.num_unlabelled, streams.num_labelled)
     with strategy.scope():
         model = build_model(config, arrays.image_shape, clusters, alpha,

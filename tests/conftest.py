@@ -25,7 +25,7 @@ def tiny_cagem(**overrides):
     rng = np.random.default_rng(settings["seed"])
     for name in NETWORKS:
         for head in getattr(model, name).heads:
-            if head.name == "log_scale":
+            if head.name == "log_scale" and hasattr(head, "kernel"):  # a Dense head
                 head.kernel.assign(rng.normal(0.0, 0.5, head.kernel.shape).astype(np.float32))
     return model
 

@@ -195,7 +195,10 @@ def test_bad_sources(tmp_path):
         (_save(tmp_path, x_train=raw["x_train"], y_train=raw["y_train"]), "missing arrays"),
         (_save(tmp_path, **dict(raw, y_train=raw["y_train"][:-1])), "y_train must be"),
         (_save(tmp_path, **dict(raw, x_test=_images(12, (5, 5)))), "one image shape"),
-        (_save(tmp_path, **dict(raw, x_train=np.zeros((30, 4, 4, 3), np.uint8))), "grayscale"),
+        (_save(tmp_path, **dict(raw, x_train=np.zeros((30, 4, 4, 2), np.uint8))),
+         r"C = 1 \(grey\) or 3 \(colour\)"),
+        (_save(tmp_path, **dict(raw, x_train=np.zeros((30, 4, 4, 3), np.uint8))),
+         "one image shape"),  # colour train images, grey test images
         (_save(tmp_path, **dict(raw, x_train=raw["x_train"] * 2.0 / 255)), r"\[0, 1\]"),
         (_save(tmp_path, **dict(raw, y_train=-raw["y_train"])), "integer labels"),
         (_save(tmp_path, **dict(raw, y_test=raw["y_test"] + 5)), "out of range"),

@@ -1,8 +1,9 @@
 """The ELBO and the importance-weighted bound against log p(x) computed by quadrature.
 
-For a tiny CaGeM (5 binary pixels, z1 and z2 one-dimensional, K=2),
+For a tiny CaGeM (5 pixels, z1 and z2 one-dimensional, K=2),
   p(x) = sum_y int dz2 N(z2;0,1) p(y|z2) int dz1 p(z1|y,z2) p(x|y,z1)
-is computed on a fine grid, for all 32 binary images at once.
+is computed on a fine grid, for 32 images at once: all the binary ones for the Bernoulli
+likelihood, 32 random 8-bit images for the discretized logistic. Every test runs for both.
 """
 
 import itertools
@@ -36,10 +37,11 @@ def exact_log_px(model, xs, z2_step=0.0025, chunk=400, per_y=False):
     z1 = np.arange((loc - 10 * scale).min(), (loc + 10 * scale).max(), z1_step)
     log_p_y = tf.nn.log_softmax(model.p_y([z2_in])).numpy().T.astype(np.float64)  # [K,n2]
     log_p_z2 = -0.5 * z2 ** 2 - 0.5 * np.log(2 * np.pi)
-    logits = model.p_x([y, z1[None, :, None].astype(np.float32)]).numpy().astype(np.float64)
     # p(x|y,z1) for every image: [K,n1,N]
-    p_x = np.exp(np.einsum("nd,kmd->kmn", xs, logits)
-                 - np.logaddexp(0.0, logits).sum(-1)[..., None])
+    p_x_given = model.p_x.distribution([y, z1[None, :, None].astype(np.float32)])  # [K,n1]
+    observed = model.p_x.observe(tf.constant(xs))[:, None, None, :]               # [N,1,1,D]
+    p_x = np.exp(np.transpose(p_x_given.log_prob(observed).numpy().astype(np.float64),
+                              [1, 2, 0]))
     total = np.zeros([len(y), len(xs)])
     for start in range(0, len(z2), chunk):
         part = slice(start, start + chunk)
@@ -51,27 +53,38 @@ def exact_log_px(model, xs, z2_step=0.0025, chunk=400, per_y=False):
     return np.log(total * z2_step) if per_y else np.log(total.sum(0) * z2_step)
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=["bernoulli", "discretized_logistic"])
+def model(request):
     """A random tiny CaGeM with its output-head weights halved: its posterior stays near enough
     to q that importance sampling with 5000 draws has a usable variance (with full-size random
-    heads p(z1|y,z2) can form thin ridges that no fixed q reaches)."""
-    model = tiny_cagem(seed=6)
+    heads p(z1|y,z2) can form thin ridges that no fixed q reaches). The discretized logistic's
+    scales start near 47 levels (not 127), so that p(x|y,z1) depends on z1 and y."""
+    model = tiny_cagem(seed=6, likelihood=request.param)
     for net in (model.q_z1, model.q_y, model.q_z2, model.p_y, model.p_z1, model.p_x):
         for head in net.heads:
             head.kernel.assign(0.5 * head.kernel)
+    if request.param == "discretized_logistic":
+        model.p_x.heads[1].bias.assign(np.full([5], -1.0, np.float32))
     return model
 
 
 @pytest.fixture(scope="module")
 def exact(model):
-    xs = _all_binary_images(5)
+    if model.spec.likelihood == "bernoulli":
+        xs = _all_binary_images(5)
+    else:
+        xs = np.random.default_rng(0).integers(0, 256, (32, 5)).astype(np.float32) / 255
     return xs, exact_log_px(model, xs)
 
 
-def test_quadrature_normalises(exact):
-    _, log_px = exact
-    assert abs(np.exp(log_px).sum() - 1.0) < 1e-4
+def test_quadrature_normalises(model, exact):
+    """Over all 32 binary images p(x) sums to 1; over 8-bit images, p(x) of one image is the
+    sum over y of the quadratures of p(x,y)."""
+    xs, log_px = exact
+    if model.spec.likelihood == "bernoulli":
+        assert abs(np.exp(log_px).sum() - 1.0) < 1e-4
+    np.testing.assert_allclose(np.logaddexp.reduce(exact_log_px(model, xs, per_y=True), 0),
+                               log_px, rtol=1e-9)
 
 
 def test_iw_5000_matches_exact(model, exact):
@@ -166,8 +179,8 @@ def test_estimator_comparison_converges_to_log_px(model, exact):
     assert len(table) == 6 and "+0.000 ± 0.000" in table[2]
 
 
-def test_the_importance_sampled_posterior_is_the_models_own_p_of_y_given_x(model):
-    xs = _all_binary_images(5)
+def test_the_importance_sampled_posterior_is_the_models_own_p_of_y_given_x(model, exact):
+    xs, _ = exact
     log_joint = exact_log_px(model, xs, per_y=True)                         # [K,N]
     exact_posterior = np.exp(log_joint - np.logaddexp.reduce(log_joint, 0)).T
     estimate = np.exp(model.posterior_log_probs(xs, 5000, 1000, seed=tf.constant([2, 3])))

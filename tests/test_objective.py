@@ -86,3 +86,18 @@ def test_alpha_and_cross_entropy():
     log_probs = np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], np.float32))
     ce = objective.cross_entropy(tf.constant(log_probs), tf.constant([0, 2]))
     assert float(ce) == pytest.approx(-(np.log(0.7) + np.log(0.8)) / 2, rel=1e-6)
+
+
+def test_training_losses_put_each_weighted_term_in_its_group_with_its_sign():
+    values = {"objective": tf.constant(3.0), "h_labelled": tf.constant(2.0),
+              "batch_usage": tf.constant(0.5), "h_pseudo": tf.constant(1.0),
+              "h_z2_code": tf.constant(4.0)}
+    weights = {"label_weight": 10.0, "usage_weight": 2.0, "pseudo_weight": 3.0,
+               "code_weight": 0.5}
+    losses = {k: float(v) for k, v in objective.training_losses(values, weights).items()}
+    # The ELBO and the usage bonus train everything; alpha (H_p + H_q) and the pseudo-labels
+    # the classifiers; the z2 code q(z2|x,y,z1) and p(y|z2).
+    assert losses == {"all": -3.0 - 2.0 * 0.5, "classifiers": 10.0 * 2.0 + 3.0 * 1.0,
+                      "code": 0.5 * 4.0}
+    assert {k: float(v) for k, v in objective.training_losses(values, weights, ()).items()} \
+        == {"all": -3.0}

@@ -80,7 +80,7 @@ def test_a_tiny_mixed_run_trains_exports_evaluates_and_keeps_its_precision(tmp_p
     exported = tf.saved_model.load(str(tmp_path / "run" / "export" / "2"))
     x = np.zeros([2, 6, 6, 1], np.float32)
     assert exported.signatures["log_likelihood_20"](x=x)["log_likelihood"].dtype == tf.float32
-    assert rundir.load_model(config.model_dir).precision == "float32"
+    assert rundir.load_model(config.model_dir).spec.precision == "float32"
     results = report.evaluate(config.model_dir, iw_samples=(10,), subset=30, batch_size=10,
                               figures_too=False, progress=False, log=lambda m: None)
     assert np.isfinite(results["bounds"]["10"]["mean"])

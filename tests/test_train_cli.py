@@ -61,8 +61,8 @@ def test_end_to_end_run(tiny_npz, tmp_path):
     eval_tags = tags(os.path.join(run, "logs", "eval"))
     assert {"likelihood/elbo", "likelihood/iw_bound", "classifier/error_p",
             "classifier/error_q", "kl/active_units_z1", "kl/active_units_z2",
-            "kl_per_unit/z1", "kl_per_unit/z2", "samples", "class_conditional",
-            "reconstructions", "clusters/clusters_used", "clusters/mutual_information",
+            "kl/kl_z1_per_unit", "kl/kl_z2_per_unit", "images/samples",
+            "images/class_conditional", "images/reconstructions", "clusters/clusters_used", "clusters/mutual_information",
             "clusters/mean_entropy", "clusters/purity", "clusters/nmi", "clusters/ari",
             "classifier/agreement_pq", "classifier/cross_entropy_p_y", "clusters/occupancy",
             "clusters/cluster_by_label"} <= eval_tags

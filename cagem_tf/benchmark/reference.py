@@ -15,7 +15,7 @@ from cagem_tf import CaGeM
 from cagem_tf.model import NETWORKS
 
 
-def _tiled_project(net, inputs, projected=None):
+def _tiled_project(net, inputs, projected=None, training=None, collect=True):
     """[..., sum_i d_i] @ concat_i W_i with every input broadcast to the common leading shape.
 
     Here `projected` carries the raw input left as None (x), not its projection.
@@ -45,5 +45,6 @@ class TiledCaGeM(CaGeM):
             return super().x_parts(x, training, collect)
         # Nothing is projected ahead: the networks take x itself and tile it.
         x = self.flatten(x)
-        return {"x": x, "q_z1": self.q_z1.distribution([x], training=training, collect=collect),
+        return {"x": x, "x_observed": self.p_x.observe(x),
+                "q_z1": self.q_z1.distribution([x], training=training, collect=collect),
                 "q_y": x, "q_z2": x if self.spec.skip_connection else None}

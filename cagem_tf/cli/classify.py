@@ -2,7 +2,7 @@
 --saved_model DIR (or --model_dir RUN for its newest export) --images PATH --out FILE.
 
 PATH is a folder of PNG/JPEG files, an .npz file or an IDX image file; images are converted as
-the training data was (`cagem_tf.images`) and binarized once with --seed. FILE gets one row per
+the training data was (`cagem_tf.images`) and, for a model of binarized images, binarized once with --seed. FILE gets one row per
 image (.csv, or JSON lines for .jsonl): the predicted class p(y|x) and cluster q(y|x), both
 distributions, the z2 mean and the log-likelihood bound. A file that cannot be used is named in
 one line, and the other images are still scored. Needs TensorFlow alone.
@@ -23,8 +23,10 @@ flags.DEFINE_string("images", None, "A folder of PNG/JPEG files, an .npz or an I
 flags.DEFINE_string("out", "scores.csv", "Output file: .csv, or .jsonl for JSON lines.")
 flags.DEFINE_string("likelihood", None, "The likelihood signature (e.g. log_likelihood_1000); "
                     "default: the exact one with the fewest samples.")
-flags.DEFINE_bool("binarize", True, "Binarize the images once, x ~ Bernoulli(intensity), as "
-                  "the test images are; --nobinarize scores the intensities themselves.")
+flags.DEFINE_bool("binarize", None, "Binarize the images once, x ~ Bernoulli(intensity), as "
+                  "the test images are; --nobinarize scores the intensities themselves. "
+                  "Default: binarize for a model of binarized images (likelihood "
+                  "bernoulli), not for one of 8-bit images (discretized_logistic).")
 flags.DEFINE_integer("seed", 0, "Seed of the binarization.")
 flags.DEFINE_integer("batch_size", 100, "Images per call.")
 flags.mark_flag_as_required("images")
@@ -68,7 +70,10 @@ def main(argv):
     for file, problem in loaded.errors.items():
         print(f"skipped {file}: {problem}", file=sys.stderr)
 
-    x = images.binarize(loaded.x, FLAGS.seed) if FLAGS.binarize else loaded.x
+    likelihood = model.likelihood[0].numpy().decode() if hasattr(model, "likelihood") \
+        else "bernoulli"  # exports before the likelihood choice
+    binarize = FLAGS.binarize if FLAGS.binarize is not None else likelihood == "bernoulli"
+    x = images.binarize(loaded.x, FLAGS.seed) if binarize else loaded.x
     rows = []
     for start in range(0, len(x), FLAGS.batch_size):
         xb = tf.constant(x[start:start + FLAGS.batch_size])

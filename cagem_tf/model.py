@@ -337,28 +337,43 @@ class CaGeM(keras.Model):
     # ----------------------------------------------------------------------------------------
     # Classifiers
     def class_log_probs(self, x, num_samples: int | None = None, seed=None, training=False,
-                        collect=True):
+                        collect=True, row_independent: bool = False):
         """Monte Carlo log q(y|x) and log p(y|x), each [B,K].
 
         q(y|x) = E_q(z1|x)[q(y|z1,x)];  p(y|x) ~ E_q(z1|x)[sum_c q(c|z1,x) p(y|z2^c)] with
         z2^c ~ q(z2|x,c,z1): the cascade classifier. Averages over S samples of z1.
+        `row_independent`: every example gets the same standard-normal draws eps (z = mu +
+        sigma eps with eps [S,1,d1] and [K,S,1,d2] broadcast over the batch), so that an
+        example's answer does not depend on the batch it is in (the serving signatures).
         """
         x = self.flatten(x)
         S = self.spec.classifier_samples if num_samples is None else num_samples
         seed_z1, seed_z2 = tfp.random.split_seed(self._seed(seed), n=2)
-        z1 = self.q_z1.distribution([x], training=training, collect=collect).sample(
-            S, seed=seed_z1)                                                     # [S,B,d1]
+        q_z1 = self.q_z1.distribution([x], training=training, collect=collect)
+        if row_independent:
+            z1 = q_z1.mean() + q_z1.stddev() * tf.random.stateless_normal(
+                [S, 1, self.spec.z1_dim], seed_z1)                                # [S,B,d1]
+        else:
+            z1 = q_z1.sample(S, seed=seed_z1)                                    # [S,B,d1]
         log_q_c = tf.nn.log_softmax(self.q_y([z1, x], training=training, collect=collect))
-        z2 = self.q_z2.distribution(self.q_z2_inputs(self.clusters(2), z1, x),
-                                    training=training, collect=collect).sample(seed=seed_z2)
+        q_z2 = self.q_z2.distribution(self.q_z2_inputs(self.clusters(2), z1, x),
+                                      training=training, collect=collect)       # [K,S,B]
+        if row_independent:
+            z2 = q_z2.mean() + q_z2.stddev() * tf.random.stateless_normal(
+                [self.num_clusters, S, 1, self.spec.z2_dim], seed_z2)
+        else:
+            z2 = q_z2.sample(seed=seed_z2)
         log_p_y = tf.nn.log_softmax(self.p_y([z2], training=training, collect=collect))
         log_q_c_first = tf.transpose(log_q_c, [2, 0, 1])[..., None]             # [K(c),S,B,1]
         log_p_cascade = tf.reduce_logsumexp(log_q_c_first + log_p_y, axis=0)    # [S,B,K]
         return objective.log_mean_exp(log_q_c), objective.log_mean_exp(log_p_cascade)
 
-    def classify(self, x, num_samples: int | None = None, seed=None):
-        """(p(y|x), q(y|x)) as probabilities [B,K]."""
-        log_q, log_p = self.class_log_probs(x, num_samples, seed)
+    def classify(self, x, num_samples: int | None = None, seed=None,
+                 row_independent: bool = False):
+        """(p(y|x), q(y|x)) as probabilities [B,K] (`row_independent`: see
+        `class_log_probs`)."""
+        log_q, log_p = self.class_log_probs(x, num_samples, seed,
+                                            row_independent=row_independent)
         return tf.exp(log_p), tf.exp(log_q)
 
     # ----------------------------------------------------------------------------------------

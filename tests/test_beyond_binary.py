@@ -158,7 +158,8 @@ out = {"likelihood": m.likelihood[0].numpy().decode(),
        "sample": {k: v.numpy().tolist() for k, v in
                   m.signatures["sample"](seed=tf.constant([1, 2, 1], tf.int32)).items()},
        "likelihoods": {k: v.numpy().tolist() for k, v in m.signatures[sys.argv[3]](x=x).items()},
-       "modules": sorted(k for k in sys.modules if k.startswith(("cagem", "keras", "tensorflow_p")))}
+       "modules": sorted(k for k in sys.modules
+                         if k.split(".")[0] in ("cagem_tf", "tensorflow_probability"))}
 print("RESULT" + json.dumps(out))
 """
 

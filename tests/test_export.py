@@ -88,7 +88,7 @@ def test_loads_with_tensorflow_alone_and_matches_the_model(model, exported, tmp_
     assert out["specs"]["sample_class"] == {"y": [None], "seed": [None]}
     seed = tf.constant(serving.CLASSIFIER_SEED)
     for i in range(len(x)):  # each row is answered as if alone
-        p_y, q_y = model.classify(x[i:i + 1], seed=seed)
+        p_y, q_y = model.classify(x[i:i + 1], seed=seed, row_independent=True)
         np.testing.assert_allclose(out["classify"]["p_y"][i], p_y[0], atol=1e-5)
         np.testing.assert_allclose(out["classify"]["q_y"][i], q_y[0], atol=1e-5)
         for name, estimator, samples in (("log_likelihood_200", "exact", 200),

@@ -116,7 +116,7 @@ def test_every_signature_answers_both_rest_formats(model, export_path, tmp_path)
     assert len(row_classify["predictions"]) == 3
     assert set(row_classify["predictions"][0]) == {"p_y", "q_y", "label"}
     for i in range(3):
-        p_y, q_y = model.classify(x[i:i + 1], seed=seed)
+        p_y, q_y = model.classify(x[i:i + 1], seed=seed, row_independent=True)
         np.testing.assert_allclose(row_classify["predictions"][i]["p_y"], p_y[0], atol=1e-5)
         np.testing.assert_allclose(column_classify["outputs"]["q_y"][i], q_y[0], atol=1e-5)
     assert [p["label"] for p in row_classify["predictions"]] == column_classify["outputs"]["label"]

@@ -132,3 +132,18 @@ def test_different_number_of_clusters_unsupervised():
     model = tiny_cagem(num_clusters=7)
     assert model.elbo(_x())["elbo"].shape.as_list() == [B]
     assert model.classify(_x(), 2)[0].shape.as_list() == [B, 7]
+
+
+def test_the_row_independent_classifier_answers_a_row_in_a_batch_as_it_answers_it_alone():
+    model, x, seed = tiny_cagem(num_clusters=K), _x(B), tf.constant([3, 4])
+    batch = [t.numpy() for t in model.classify(x, seed=seed, row_independent=True)]
+    for i in range(B):
+        alone = model.classify(x[i:i + 1], seed=seed, row_independent=True)
+        for together, single in zip(batch, alone):
+            np.testing.assert_allclose(together[i], single[0], atol=1e-6)
+    # The default draws are per example: there a row's answer depends on its place.
+    default = model.classify(x, seed=seed)[0].numpy()
+    assert not np.allclose(default[1], model.classify(x[1:2], seed=seed)[0].numpy()[0])
+    # q(y|x) is the same estimator either way (S = 2000 draws: within Monte Carlo noise).
+    np.testing.assert_allclose(model.classify(x, 2000, seed, row_independent=True)[1],
+                               model.classify(x, 2000, seed)[1], atol=0.05)

@@ -5,6 +5,7 @@ directory's layout is `cagem_tf.rundir`'s.
 """
 
 import os
+import re
 import sys
 import warnings
 
@@ -162,7 +163,10 @@ def train(config: Config, log=print) -> dict:
 def _worker_failure(error, checkpoint) -> str:
     """One line for a multi-worker step that failed because another worker did."""
     lines = str(error).splitlines()
-    dead = [l.strip() for l in lines if l.strip().startswith("/job:")]
+    # The coordination service names the dead task on a line of its own; a collective that
+    # lost its peer first names it as gRPC's "remote target".
+    dead = [l.strip() for l in lines if l.strip().startswith("/job:")] + \
+        re.findall(r"remote target (/job:[^/\s]+/replica:\d+/task:\d+)", str(error))
     reason = f"worker {dead[0]} stopped" if dead else \
         f"a collective failed ({type(error).__name__}: {lines[0][:120] if lines else ''})"
     kept = checkpoint.manager.latest_checkpoint or "none yet"

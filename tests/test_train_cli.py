@@ -83,7 +83,8 @@ def test_end_to_end_run(tiny_npz, tmp_path):
     # restored from it answers as the export written at the end of training.
     restored = rundir.load_model(run)
     for i in range(len(x)):  # the signature answers each row alone
-        p_y, _ = restored.classify(x[i:i + 1], seed=tf.constant(serving.CLASSIFIER_SEED))
+        p_y, _ = restored.classify(x[i:i + 1], seed=tf.constant(serving.CLASSIFIER_SEED),
+                                   row_independent=True)
         np.testing.assert_allclose(exported[i], p_y[0], atol=1e-5)
 
 
@@ -98,7 +99,11 @@ def test_kill_and_resume_continues_the_epoch_count(tiny_npz, tmp_path):
                                stderr=subprocess.DEVNULL)
     index = os.path.join(run, "checkpoints", "ckpt-2.index")
     deadline = time.time() + 240
-    while not os.path.exists(index) and time.time() < deadline and process.poll() is None:
+    checkpoints = os.path.join(run, "checkpoints")
+    # The index is written before the checkpoint state names it: wait for both.
+    while time.time() < deadline and process.poll() is None and not (
+            os.path.exists(index) and
+            int((tf.train.latest_checkpoint(checkpoints) or "-0").rsplit("-", 1)[1]) >= 2):
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()

@@ -12,8 +12,9 @@ them in the `tfd` distribution named in each class.
 Architectures: "mlp" (the paper's permutation-invariant networks) uses Dense layers only. With
 "conv", an input that is an image x (given flattened, [..., D], D = H*W*C) is projected by
 `ConvProjection`: two stride-2 3x3 convolutions with batch normalization and ReLU, then the
-Dense projection, still once per example; and p(x|y,z1) ends in `ConvHead`s: a Dense map to a
-[H/4, W/4, 64] grid and two stride-2 transposed convolutions to the image, per head.
+Dense projection, still once per example; and p(x|y,z1) ends in a `ConvHead`: a Dense map to a
+[H/4, W/4, 64] grid and a stride-2 transposed convolution shared by the heads, then one
+stride-2 transposed convolution to the image per head.
 
 Likelihoods of x (images in [0, 1]): `BernoulliNet` for binarized data; for 8-bit data
 `DiscretizedLogisticNet`, a logistic over the 256 levels with its tails folded into levels 0 and
@@ -92,7 +93,7 @@ class Conditional(keras.Model):
                  first_input_stddev: float = 0.0, image_input: int | None = None,
                  image_shape: Sequence[int] | None = None, conv_heads: bool = False, **kwargs):
         """image_input: the index of the input that is an image x (flattened), projected by a
-        `ConvProjection` of `image_shape`; conv_heads: the heads are `ConvHead`s of
+        `ConvProjection` of `image_shape`; conv_heads: the heads come from one `ConvHead` of
         `image_shape` (each head's units must be its D)."""
         super().__init__(**kwargs)
         hidden = tuple(int(h) for h in hidden)
@@ -124,9 +125,11 @@ class Conditional(keras.Model):
                       for i in range(len(hidden))]
         # Scale heads start at zero (sigma = 1 everywhere): batch-normalised sparse ReLU features
         # can otherwise give log sigma of +-10 at initialisation, and KL terms of 1e8.
+        self.conv_head = None
         if conv_heads:
-            self.heads = [ConvHead(image_shape, bn, zero=name == "log_scale", name=name)
-                          for name in head_units]
+            self.conv_head = ConvHead(image_shape, bn, list(head_units), zero=["log_scale"],
+                                      name="conv_head")
+            self.heads = []
         else:
             self.heads = [keras.layers.Dense(units, name=name, kernel_initializer=(
                 "zeros" if name == "log_scale" else "glorot_uniform"), dtype=policy)
@@ -158,9 +161,9 @@ class Conditional(keras.Model):
         for dense, norm in zip(self.hidden_layers, self.norms[1:]):
             h = tf.nn.relu(norm(dense(h), training=training, collect=collect))
         # Densities, KL terms and the loss are computed in float32 whatever the policy.
-        outputs = tuple(tf.cast(head(h, training=training, collect=collect)
-                                if isinstance(head, ConvHead) else head(h), tf.float32)
-                        for head in self.heads)
+        outputs = (self.conv_head(h, training=training, collect=collect) if self.conv_head
+                   else tuple(head(h) for head in self.heads))
+        outputs = tuple(tf.cast(out, tf.float32) for out in outputs)
         return outputs if len(outputs) > 1 else outputs[0]
 
 
@@ -203,11 +206,15 @@ class ConvProjection(keras.layers.Layer):
 
 
 class ConvHead(keras.layers.Layer):
-    """h [..., F] -> [..., D] for images [H,W,C]: Dense to [H/4, W/4, 64], BN, ReLU,
-    ConvTranspose(32, 3x3, stride 2), BN, ReLU, ConvTranspose(C, 3x3, stride 2), flattened.
-    `zero`: the last kernel starts at zero (a log-scale head: sigma = 1 at the start)."""
+    """h [..., F] -> one [..., D] per head for images [H,W,C]: a trunk shared by the heads
+    (Dense to [H/4, W/4, 64], BN, ReLU, ConvTranspose(32, 3x3, stride 2), BN, ReLU), then per
+    head ConvTranspose(C, 3x3, stride 2), flattened. Sharing the trunk computes the costly
+    upsampling once for all heads (a discretized logistic's location and scale).
+    `zero`: the heads whose last kernel starts at zero (a log-scale head: sigma = 1 at the
+    start)."""
 
-    def __init__(self, image_shape, bn: dict, zero: bool = False, **kwargs):
+    def __init__(self, image_shape, bn: dict, heads: Sequence[str], zero: Sequence[str] = (),
+                 **kwargs):
         super().__init__(dtype=bn["dtype"], **kwargs)
         h, w, c = self.image_shape = _check_image_shape(image_shape)
         self.grid = (h // 4, w // 4, 64)
@@ -215,9 +222,11 @@ class ConvHead(keras.layers.Layer):
                                         dtype=bn["dtype"])
         self.up = keras.layers.Conv2DTranspose(32, 3, strides=2, padding="same", use_bias=False,
                                                name="up_0", dtype=bn["dtype"])
-        self.out = keras.layers.Conv2DTranspose(c, 3, strides=2, padding="same", name="up_1",
-                                                kernel_initializer="zeros" if zero
-                                                else "glorot_uniform", dtype=bn["dtype"])
+        self.outs = [keras.layers.Conv2DTranspose(c, 3, strides=2, padding="same",
+                                                  name=f"{name}_up_1",
+                                                  kernel_initializer="zeros" if name in zero
+                                                  else "glorot_uniform", dtype=bn["dtype"])
+                     for name in heads]
         self.norms = [BatchNorm(name=f"up_bn_{i}", **bn) for i in range(2)]
 
     def call(self, h, training=None, collect=True):
@@ -225,8 +234,8 @@ class ConvHead(keras.layers.Layer):
         g = tf.reshape(self.dense(tf.reshape(h, [-1, h.shape[-1]])), [-1, *self.grid])
         g = tf.nn.relu(self.norms[0](g, training=training, collect=collect))
         g = tf.nn.relu(self.norms[1](self.up(g), training=training, collect=collect))
-        out = self.out(g)
-        return tf.reshape(out, tf.concat([lead, [int(np.prod(self.image_shape))]], 0))
+        shape = tf.concat([lead, [int(np.prod(self.image_shape))]], 0)
+        return tuple(tf.reshape(out(g), shape) for out in self.outs)
 
 
 LOG_SCALE_BOUND = 10.0

@@ -50,6 +50,7 @@ def evaluate(model_dir, checkpoint=None, iw_samples=(1, 10, 5000), subset=0, bat
                                          "stderr": float(np.std(values) / np.sqrt(n)),
                                          "per_image": os.path.relpath(path, run.path)}
             if model.reports_bits:
+                results["data_dim"] = model.data_dim
                 results["bounds"][str(s)]["bits_per_dim"] = float(
                     objective.bits_per_dim(np.mean(values), model.data_dim))
         clusters = evaluation.cluster_report(model, x, y, num_classes, seed,
@@ -157,10 +158,19 @@ def paired_difference(model_dir: str, baseline_dir: str, samples: int) -> tuple:
 def paired_table(run_dirs: dict, baseline: str, samples: int) -> str:
     """Markdown: F_S of each run ({name: run directory}) minus that of the run named
     `baseline`, paired per image (`paired_difference`)."""
-    lines = [f"| run | F_{samples} - {baseline} (nats, paired per image) |", "|---|---|"]
+    dims = {files.read_json(os.path.join(rundir.RunDir(d).evaluation, "results.json")).get(
+        "data_dim") for d in run_dirs.values()}
+    bits = dims.pop() if len(dims) == 1 and None not in dims else None
+    head = f"| run | F_{samples} - {baseline} (nats, paired per image) |"
+    lines = [head + (" the same in bits per dimension |" if bits else ""),
+             "|---|---|" + ("---|" if bits else "")]
     for name, run_dir in run_dirs.items():
         mean, stderr = paired_difference(run_dir, run_dirs[baseline], samples)
-        lines.append(f"| {name} | {mean:+.2f} ± {stderr:.2f} |")
+        row = f"| {name} | {mean:+.2f} ± {stderr:.2f} |"
+        if bits:  # a higher bound is fewer bits
+            row += (f" {objective.bits_per_dim(mean, bits):+.4f} ± "
+                    f"{-objective.bits_per_dim(stderr, bits):.4f} |")
+        lines.append(row)
     return "\n".join(lines) + "\n"
 
 
@@ -176,7 +186,8 @@ def comparison_table(rows, samples) -> str:
         use = r.get("cluster_use", {})
         cells = [name, str(r["labels"]), str(r["clusters"])]
         cells += [f"{r['bounds'][s]['mean']:.2f} ± {r['bounds'][s]['stderr']:.2f}"
-                  for s in samples]
+                  + (f" ({r['bounds'][s]['bits_per_dim']:.4f} bits/dim)"
+                     if "bits_per_dim" in r["bounds"][s] else "") for s in samples]
         cells += [f"{100 * r[k]:.2f}%" if k in r else "-"
                   for k in ("error_p", "error_posterior", "error_q")]
         cells += [str(use.get("clusters_used", "-")),

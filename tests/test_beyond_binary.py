@@ -3,6 +3,7 @@ networks; the maths and the shape contracts."""
 
 import math
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -106,6 +107,24 @@ def test_a_conv_model_projects_x_once_per_example(monkeypatch):
     m.class_log_probs(_levels(B) > 0.5, S, seed=[1, 2])
     # q(z1|x), q(y|z1,x) and q(z2|x,y,z1): three projections of x [B,D], whatever K and S.
     assert seen and set(seen) == {(B, D)} and len(seen) <= 6, seen
+
+
+def test_a_conv_discretized_likelihood_upsamples_once_for_its_location_and_scale(monkeypatch):
+    seen = []
+    call = keras.layers.Conv2DTranspose.call
+
+    def record(self, x):
+        seen.append((self.name, tuple(x.shape)))
+        return call(self, x)
+
+    m = tiny_cagem(image_shape=SHAPE, num_clusters=K, z1_dim=4, z2_dim=2, architecture="conv",
+                   likelihood="discretized_logistic")
+    monkeypatch.setattr(keras.layers.Conv2DTranspose, "call", record)
+    loc, log_scale = m.p_x([tf.eye(K)[:, None], tf.zeros([1, B, 4])])
+    assert loc.shape.as_list() == log_scale.shape.as_list() == [K, B, D]
+    # One shared upsampling of the K x B rows, then one last layer per head.
+    assert [name for name, _ in seen] == ["up_0", "loc_up_1", "log_scale_up_1"], seen
+    np.testing.assert_array_equal(log_scale.numpy(), 0.0)  # the scale head starts at zero
 
 
 def test_colour_data_a_tinted_builder_and_one_line_errors(tmp_path):

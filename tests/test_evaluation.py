@@ -261,3 +261,28 @@ def test_a_labelled_run_with_seeded_pseudo_labels_and_the_beta_schedule_trains_a
         assert key in results, key
     assert "error p(y|x), the model's posterior (IS-100)" in open(
         os.path.join(run, "evaluation", "results.md")).read()
+
+
+def _scored_run(path, per_image, data_dim=None):
+    os.makedirs(os.path.join(path, "evaluation"))
+    np.save(os.path.join(path, "evaluation", "iw.npy"), np.asarray(per_image, np.float32))
+    bound = {"mean": float(np.mean(per_image)), "stderr": 0.0, "per_image": "evaluation/iw.npy"}
+    results = {"bounds": {"100": bound}, "iw_estimator": "exact", "images": len(per_image)}
+    if data_dim:
+        results["data_dim"] = data_dim
+        bound["bits_per_dim"] = float(objective.bits_per_dim(bound["mean"], data_dim))
+    with open(os.path.join(path, "evaluation", "results.json"), "w") as f:
+        json.dump(results, f)
+    return str(path)
+
+
+def test_the_paired_table_gives_8bit_runs_differences_in_bits_per_dimension_too(tmp_path):
+    D = 784
+    base = _scored_run(tmp_path / "vae", [-2000.0, -2100.0], D)
+    run = _scored_run(tmp_path / "cagem", [-1990.0, -2080.0], D)   # +10 and +20 nats
+    table = report.paired_table({"vae": base, "cagem": run}, "vae", 100)
+    bits = -15.0 / (D * np.log(2))                                  # mean +15 nats, fewer bits
+    assert "| cagem | +15.00 ± 3.54 |" in table and f"{bits:+.4f} ± " in table
+    grey = report.paired_table({"a": _scored_run(tmp_path / "a", [-90.0]),
+                                "b": _scored_run(tmp_path / "b", [-89.0])}, "a", 100)
+    assert "bits" not in grey and "| b | +1.00 ± 0.00 |" in grey

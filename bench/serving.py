@@ -9,10 +9,11 @@ import statistics
 
 from absl import app, flags
 
+from cagem_tf import cpu
 from cagem_tf.benchmark import serving
 
 flags.DEFINE_list("saved_model", None, "SavedModel version directories to compare.")
-flags.DEFINE_list("signatures", ["classify"], "Signatures with an x input.")
+flags.DEFINE_list("signatures", ["classify"], "Signatures to measure (inputs x, seed, y).")
 flags.DEFINE_list("sizes", ["1", "16", "64", "256"], "Batch sizes N.")
 flags.DEFINE_integer("rounds", 3, "Rounds; each measures every export once, in turn.")
 flags.DEFINE_integer("calls", 7, "Timed calls per N in a round (their median).")
@@ -32,6 +33,7 @@ def main(argv):
                                    for k in ("rows_per_second", "latency_ms")}
                                for n in sizes})
             for (path, signature), measured in rounds.items()]
+    print(f"machine: {cpu.model_name()} ({', '.join(cpu.reported_flags()) or 'flags unknown'})")
     print(serving.table(rows))
 
 

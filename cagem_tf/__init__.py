@@ -10,7 +10,7 @@ only TensorFlow (cagem-sample) does not import Keras models or TFP.
 import importlib
 
 __all__ = ["CaGeM", "Config", "objective"]
-_SUBMODULES = ("benchmark", "callbacks", "cli", "clustering", "config", "data", "evaluation",
+_SUBMODULES = ("benchmark", "callbacks", "cli", "clustering", "config", "cpu", "data", "evaluation",
                "figures", "model", "networks", "objective", "report", "rundir", "serving",
                "training")
 

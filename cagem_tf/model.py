@@ -164,6 +164,19 @@ class CaGeM(keras.Model):
             seed = self.seed_generator.next()
         return tf.cast(seed, tf.int32)
 
+    @staticmethod
+    def _draw(dist, seed, sample_shape=(), row_independent: bool = False):
+        """z ~ dist (a diagonal Gaussian whose last batch axis is the examples B), [*sample_shape,
+        *batch, d]. `row_independent`: z = mu + sigma eps with one eps for every example
+        ([..., 1, d], broadcast over B), so that an example's draws do not depend on the batch
+        it is in (the serving signatures)."""
+        if not row_independent:
+            return dist.sample(sample_shape, seed=seed)
+        batch = tf.shape(dist.mean())[:-1]
+        shape = tf.concat([tf.convert_to_tensor(sample_shape, tf.int32), batch[:-1], [1],
+                           tf.shape(dist.mean())[-1:]], 0)
+        return dist.mean() + dist.stddev() * tf.random.stateless_normal(shape, seed)
+
     @property
     def reports_bits(self) -> bool:
         """Whether likelihoods are also given in bits per dimension: for 8-bit data."""
@@ -194,17 +207,18 @@ class CaGeM(keras.Model):
                 if self.spec.skip_connection else None}
 
     def latent_terms(self, x, num_samples: int | None = None, seed=None, training=False,
-                     collect=True, x_parts=None):
+                     collect=True, x_parts=None, row_independent: bool = False):
         """Log-densities of one draw z1 ~ q(z1|x) [S,B,d1] and z2^y ~ q(z2|x,y,z1) for all y.
 
-        `x_parts`: `x_parts(x)`, when the caller reuses it across draws.
+        `x_parts`: `x_parts(x)`, when the caller reuses it across draws. `row_independent`:
+        the same standard-normal draws for every example (see `_draw`).
         Returns the dict described in `cagem_tf.objective` (shapes [S,B], [S,B,K], [K,S,B]).
         """
         parts = self.x_parts(x, training, collect) if x_parts is None else x_parts
         S = self.spec.num_samples if num_samples is None else num_samples
         seed_z1, seed_z2 = tfp.random.split_seed(self._seed(seed), n=2)
         q_z1 = parts["q_z1"]                                                      # batch [B]
-        z1 = q_z1.sample(S, seed=seed_z1)                                         # [S,B,d1]
+        z1 = self._draw(q_z1, seed_z1, [S], row_independent)                     # [S,B,d1]
         q_y_logits = self.q_y([z1, None], training=training, collect=collect,
                               projected=parts["q_y"])                             # [S,B,K]
         y = self.clusters(2)                                                      # [K,1,1,K]
@@ -212,11 +226,13 @@ class CaGeM(keras.Model):
                                       collect=collect,
                                       projected=parts["q_z2"])                    # batch [K,S,B]
         if self.spec.shared_noise:
-            eps = tf.random.stateless_normal(
-                tf.concat([tf.shape(z1)[:-1], [self.spec.z2_dim]], 0), seed_z2)        # [S,B,d2]
+            rows = tf.shape(z1)[:-1]                                              # [S,B]
+            if row_independent:
+                rows = tf.stack([rows[0], 1])                                     # [S,1]
+            eps = tf.random.stateless_normal(tf.concat([rows, [self.spec.z2_dim]], 0), seed_z2)
             z2 = q_z2.mean() + q_z2.stddev() * eps                                # [K,S,B,d2]
         else:
-            z2 = q_z2.sample(seed=seed_z2)                                        # [K,S,B,d2]
+            z2 = self._draw(q_z2, seed_z2, row_independent=row_independent)      # [K,S,B,d2]
         p_y = self.p_y.distribution([z2], training=training, collect=collect)   # batch [K,S,B]
         p_z1 = self.p_z1.distribution([y, z2], training=training, collect=collect)
         p_x = self.p_x.distribution([y, z1], training=training, collect=collect)  # [K,S,B]
@@ -238,20 +254,27 @@ class CaGeM(keras.Model):
         terms = self.latent_terms(x, num_samples, seed, training=training)
         return objective.elbo(terms, self.temperature)
 
-    def sampled_terms(self, x, num_samples: int, seed=None, x_parts=None):
+    def sampled_terms(self, x, num_samples: int, seed=None, x_parts=None,
+                      row_independent: bool = False):
         """Log-densities of one draw z1_s ~ q(z1|x), y_s ~ q(y|z1_s,x), z2_s ~ q(z2|x,y_s,z1_s),
         each [S,B]: log_q_z1, log_q_y, log_q_z2, log_p_x, log_p_z1, log_p_y, log_p_z2 (the
-        terms of `objective.sampled_log_weights`). `x_parts` as in `latent_terms`."""
+        terms of `objective.sampled_log_weights`). `x_parts` and `row_independent` as in
+        `latent_terms`; y is then argmax(logits + Gumbel noise [S,1,K]), y ~ q(y|z1,x) too."""
         parts = self.x_parts(x) if x_parts is None else x_parts
         seed_z1, seed_y, seed_z2 = tfp.random.split_seed(self._seed(seed), n=3)
         q_z1 = parts["q_z1"]
-        z1 = q_z1.sample(num_samples, seed=seed_z1)                               # [S,B,d1]
+        z1 = self._draw(q_z1, seed_z1, [num_samples], row_independent)          # [S,B,d1]
         q_y = self.q_y.distribution([z1, None], projected=parts["q_y"])           # batch [S,B]
-        y = q_y.sample(seed=seed_y)
+        if row_independent:
+            u = tf.random.stateless_uniform([num_samples, 1, self.num_clusters], seed_y,
+                                            minval=1e-20, maxval=1.0)
+            y = tf.argmax(q_y.logits - tf.math.log(-tf.math.log(u)), -1, output_type=tf.int32)
+        else:
+            y = q_y.sample(seed=seed_y)
         y_one_hot = tf.one_hot(y, self.num_clusters)                              # [S,B,K]
         q_z2 = self.q_z2.distribution(self.q_z2_inputs(y_one_hot, z1, None),
                                       projected=parts["q_z2"])
-        z2 = q_z2.sample(seed=seed_z2)                                            # [S,B,d2]
+        z2 = self._draw(q_z2, seed_z2, row_independent=row_independent)          # [S,B,d2]
         return {"log_q_z1": q_z1.log_prob(z1), "log_q_y": q_y.log_prob(y),
                 "log_q_z2": q_z2.log_prob(z2),
                 "log_p_x": self.p_x.distribution([y_one_hot, z1]).log_prob(parts["x_observed"]),
@@ -259,12 +282,14 @@ class CaGeM(keras.Model):
                 "log_p_y": self.p_y.distribution([z2]).log_prob(y),
                 "log_p_z2": self.p_z2.log_prob(z2)}
 
-    def sampled_log_weights(self, x, num_samples: int, seed=None, x_parts=None):
+    def sampled_log_weights(self, x, num_samples: int, seed=None, x_parts=None,
+                            row_independent: bool = False):
         """`objective.sampled_log_weights` of `sampled_terms`: log w_s [S,B]."""
-        return objective.sampled_log_weights(self.sampled_terms(x, num_samples, seed, x_parts))
+        return objective.sampled_log_weights(self.sampled_terms(x, num_samples, seed, x_parts,
+                                                                row_independent))
 
     def iw_bound(self, x, num_samples: int = 5000, chunk_size: int | None = None, seed=None,
-                 estimator: str = "exact"):
+                 estimator: str = "exact", row_independent: bool = False):
         """log p_S(x) = log (1/S) sum_s w_s per example [B], the importance-weighted bound.
 
         estimator "exact" sums y inside every weight (`objective.iw_log_weights`); "sampled"
@@ -272,20 +297,24 @@ class CaGeM(keras.Model):
         expectation; "sampled" costs less per sample and has more variance.
         Chunks of `chunk_size` samples are accumulated with logsumexp in a fixed-shape running
         value (samples past S in the last chunk are masked), so memory is set by the chunk and the
-        loop compiles under tf.function. `chunk_size` None: `IW_CHUNK[estimator]`. What depends
-        on x alone (`x_parts`) is computed once, before the loop.
+        loop compiles under tf.function. `chunk_size` None: `IW_CHUNK[estimator]` (it may be a
+        scalar tensor). What depends on x alone (`x_parts`) is computed once, before the loop.
+        `row_independent`: every example gets the same draws (see `latent_terms`), so that its
+        bound does not depend on the batch it is in.
         """
         if estimator not in ("exact", "sampled"):
             raise ValueError(f"estimator {estimator!r}: use 'exact' or 'sampled'")
-        chunk_size = min(IW_CHUNK[estimator] if chunk_size is None else chunk_size,
-                         self.max_iw_chunk)
+        chunk_size = tf.minimum(IW_CHUNK[estimator] if chunk_size is None else chunk_size,
+                                self.max_iw_chunk)
         parts = self.x_parts(x)
 
         def log_weights(chunk, chunk_seed):                                          # [C,B]
             if estimator == "exact":
                 return objective.iw_log_weights(
-                    self.latent_terms(parts["x"], chunk, chunk_seed, x_parts=parts))
-            return self.sampled_log_weights(parts["x"], chunk, chunk_seed, x_parts=parts)
+                    self.latent_terms(parts["x"], chunk, chunk_seed, x_parts=parts,
+                                      row_independent=row_independent))
+            return self.sampled_log_weights(parts["x"], chunk, chunk_seed, x_parts=parts,
+                                            row_independent=row_independent)
 
         acc = self._sum_weights(log_weights, tf.shape(parts["x"])[:1], num_samples,
                                 chunk_size, seed)
@@ -297,7 +326,7 @@ class CaGeM(keras.Model):
         chunk are masked), so memory is set by the chunk and the loop compiles under
         tf.function. log_weights(C, seed) gives the log-weights of C samples, [C, *shape]."""
         num_samples = tf.convert_to_tensor(num_samples, tf.int32)
-        chunk = tf.minimum(tf.constant(chunk_size, tf.int32), num_samples)
+        chunk = tf.minimum(tf.cast(chunk_size, tf.int32), num_samples)
         num_chunks = (num_samples + chunk - 1) // chunk
         seed = self._seed(seed)
 
@@ -350,19 +379,11 @@ class CaGeM(keras.Model):
         S = self.spec.classifier_samples if num_samples is None else num_samples
         seed_z1, seed_z2 = tfp.random.split_seed(self._seed(seed), n=2)
         q_z1 = self.q_z1.distribution([x], training=training, collect=collect)
-        if row_independent:
-            z1 = q_z1.mean() + q_z1.stddev() * tf.random.stateless_normal(
-                [S, 1, self.spec.z1_dim], seed_z1)                                # [S,B,d1]
-        else:
-            z1 = q_z1.sample(S, seed=seed_z1)                                    # [S,B,d1]
+        z1 = self._draw(q_z1, seed_z1, [S], row_independent)                     # [S,B,d1]
         log_q_c = tf.nn.log_softmax(self.q_y([z1, x], training=training, collect=collect))
         q_z2 = self.q_z2.distribution(self.q_z2_inputs(self.clusters(2), z1, x),
                                       training=training, collect=collect)       # [K,S,B]
-        if row_independent:
-            z2 = q_z2.mean() + q_z2.stddev() * tf.random.stateless_normal(
-                [self.num_clusters, S, 1, self.spec.z2_dim], seed_z2)
-        else:
-            z2 = q_z2.sample(seed=seed_z2)
+        z2 = self._draw(q_z2, seed_z2, row_independent=row_independent)          # [K,S,B,d2]
         log_p_y = tf.nn.log_softmax(self.p_y([z2], training=training, collect=collect))
         log_q_c_first = tf.transpose(log_q_c, [2, 0, 1])[..., None]             # [K(c),S,B,1]
         log_p_cascade = tf.reduce_logsumexp(log_q_c_first + log_p_y, axis=0)    # [S,B,K]
@@ -378,27 +399,49 @@ class CaGeM(keras.Model):
 
     # ----------------------------------------------------------------------------------------
     # Generation and encoding
-    def sample(self, num_samples: int, y=None, seed=None, z2=None, draw: bool = False):
+    def sample_noise(self, num_samples: int, seed=None) -> dict:
+        """The standard noises of `sample` for N = `num_samples` rows, from one stateless seed:
+        z2 [N,d2] and z1 [N,d1] ~ N(0, I), y [N,K] and x [N,D] ~ U(0, 1)."""
+        seeds = tfp.random.split_seed(self._seed(seed), n=4)
+        shapes = {"z2": [self.spec.z2_dim], "y": [self.num_clusters], "z1": [self.spec.z1_dim],
+                  "x": [self.data_dim]}
+        return {key: (tf.random.stateless_normal if key.startswith("z") else
+                      tf.random.stateless_uniform)([num_samples, *shape], s)
+                for (key, shape), s in zip(shapes.items(), tf.unstack(seeds))}
+
+    def row_noise(self, seeds) -> dict:
+        """`sample_noise` of one row per stateless seed (seeds int32 [N,2]): row n's noise
+        depends on seeds[n] alone, so a row samples the same alone or in any batch."""
+        spec = {key: tf.TensorSpec(value.shape[1:], tf.float32)
+                for key, value in self.sample_noise(1, tf.constant([0, 0])).items()}
+        return tf.map_fn(lambda s: {k: v[0] for k, v in self.sample_noise(1, s).items()},
+                         seeds, fn_output_signature=spec)
+
+    def sample(self, num_samples: int, y=None, seed=None, z2=None, draw: bool = False,
+               noise: dict | None = None):
         """Ancestral samples: z2 ~ p(z2), y ~ p(y|z2) (or the given int y [N]), z1 ~ p(z1|y,z2).
 
+        The draws are transforms of standard noises (`sample_noise` of `seed`, or `noise`):
+        z2 = eps_2, y = argmax_k(logit_k - log(-log u_k)) (Gumbel-max: y ~ Cat(softmax
+        logits)), z1 = mu + sigma eps_1, x by the likelihood's inverse CDF of u_x.
         Returns (mean [N, *image_shape], y [N] int32): the means E[x|y,z1] in [0, 1] of
         p(x|y,z1) (a Bernoulli's probabilities); with `draw`, (mean, x, y) with x ~ p(x|y,z1)
         in [0, 1] too.
         """
-        seed = self._seed(seed)
-        seed_z2, seed_y, seed_z1 = tfp.random.split_seed(seed, n=3)
+        noise = self.sample_noise(num_samples, seed) if noise is None else noise
         if z2 is None:
-            z2 = self.p_z2.sample(num_samples, seed=seed_z2)                     # [N,d2]
+            z2 = noise["z2"]                                                      # [N,d2]
         if y is None:
-            y = self.p_y.distribution([z2]).sample(seed=seed_y)
+            gumbel = -tf.math.log(-tf.math.log(tf.clip_by_value(noise["y"], 1e-20, 1.0)))
+            y = tf.argmax(self.p_y([z2]) + gumbel, -1)
         y = tf.cast(y, tf.int32)
         y_one_hot = tf.one_hot(y, self.num_clusters)
-        z1 = self.p_z1.distribution([y_one_hot, z2]).sample(seed=seed_z1)
+        loc, log_scale = self.p_z1([y_one_hot, z2])
+        z1 = loc + tf.exp(log_scale) * noise["z1"]                                # [N,d1]
         images = lambda flat: tf.reshape(flat, [-1, *self.image_shape])
         if not draw:
             return images(self.p_x.mean([y_one_hot, z1])), y
-        mean, x = self.p_x.draw([y_one_hot, z1],
-                                tf.random.experimental.stateless_fold_in(seed, 1))
+        mean, x = self.p_x.draw([y_one_hot, z1], u=noise["x"])
         return images(mean), images(x), y
 
     def encode(self, x):

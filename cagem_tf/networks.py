@@ -301,11 +301,12 @@ class BernoulliNet(Conditional):
         """E[x] in [0, 1], [..., D]: the pixels' probabilities."""
         return tf.sigmoid(self(inputs))
 
-    def draw(self, inputs, seed):
-        """(E[x], a sample of x) in [0, 1], each [..., D], from a stateless seed."""
+    def draw(self, inputs, seed=None, u=None):
+        """(E[x], a sample of x) in [0, 1], each [..., D]: x = [u < p] for u ~ U(0, 1), given
+        or drawn from a stateless seed."""
         probs = self.mean(inputs)
-        return probs, tf.cast(tf.random.stateless_uniform(tf.shape(probs), seed) < probs,
-                              tf.float32)
+        u = tf.random.stateless_uniform(tf.shape(probs), seed) if u is None else u
+        return probs, tf.cast(u < probs, tf.float32)
 
 
 LEVELS = 256
@@ -349,10 +350,14 @@ class DiscretizedLogisticNet(Conditional):
         loc, _ = self._levels(inputs)
         return tf.clip_by_value(loc, 0.0, LEVELS - 1.0) / (LEVELS - 1)
 
-    def draw(self, inputs, seed):
-        """(E[x], a sample of x) in [0, 1], each [..., D], from a stateless seed."""
+    def draw(self, inputs, seed=None, u=None):
+        """(E[x], a sample of x) in [0, 1], each [..., D]: the level nearest the logistic's
+        quantile mu + s log(u / (1 - u)) for u ~ U(0, 1), given or drawn from a stateless
+        seed."""
         loc, scale = self._levels(inputs)
-        u = tf.random.stateless_uniform(tf.shape(loc), seed, minval=1e-6, maxval=1 - 1e-6)
+        if u is None:
+            u = tf.random.stateless_uniform(tf.shape(loc), seed)
+        u = tf.clip_by_value(u, 1e-6, 1 - 1e-6)
         level = tf.clip_by_value(tf.round(loc + scale * (tf.math.log(u) - tf.math.log1p(-u))),
                                  0.0, LEVELS - 1.0)
         return tf.clip_by_value(loc, 0.0, LEVELS - 1.0) / (LEVELS - 1), level / (LEVELS - 1)

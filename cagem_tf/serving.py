@@ -37,21 +37,32 @@ from cagem_tf.files import UserError
 
 CLASSIFIER_SEED = (0, 0)      # classify and log_likelihood answer the same for the same input
 IW_SAMPLES = (1000,)          # the likelihood signatures of an export, by default
+IW_ROWS = 8                   # rows per block of the likelihood signatures (memory: rows x chunk)
 
 
 class ExportError(UserError, RuntimeError):
     """An export that cannot be written as asked."""
 
 
-def _stateless_seed(seed):
-    """seed >= 0 -> [seed, 0]; seed < 0 -> a fresh random pair."""
-    fresh = tf.random.uniform([2], 0, 2**31 - 1, dtype=tf.int32)
-    return tf.where(seed < 0, fresh, tf.stack([seed, tf.constant(0, tf.int32)]))
+def _row_seeds(seed):
+    """int32 [N] seeds -> [N,2] stateless seeds: seed >= 0 -> [seed, 0]; seed < 0 -> a fresh
+    random pair."""
+    fresh = tf.random.uniform(tf.concat([tf.shape(seed), [2]], 0), 0, 2**31 - 1, tf.int32)
+    given = tf.stack([seed, tf.zeros_like(seed)], -1)
+    return tf.where(seed[:, None] < 0, fresh, given)
 
 
-def _per_row(fn, elems, dtypes):
-    """fn on each row alone (its answer cannot depend on the rest of the batch)."""
-    return tf.map_fn(fn, elems, fn_output_signature=dtypes)
+def _in_blocks(fn, x, rows: int):
+    """fn on blocks of up to `rows` rows of x (the last one padded): the likelihood's memory
+    grows with rows x samples per chunk, so a large batch is computed a block at a time."""
+    n = tf.shape(x)[0]
+    block = tf.maximum(tf.minimum(n, rows), 1)
+    count = (n + block - 1) // block
+    padded = tf.pad(x, tf.concat([[[0, count * block - n]], tf.zeros([tf.rank(x) - 1, 2],
+                                                                      tf.int32)], 0))
+    blocks = tf.reshape(padded, tf.concat([[count, block], tf.shape(x)[1:]], 0))
+    values = tf.map_fn(fn, blocks, fn_output_signature=tf.float32)
+    return tf.reshape(values, [-1])[:n]
 
 
 def _endpoints(model, iw_samples=IW_SAMPLES):
@@ -78,15 +89,12 @@ def _endpoints(model, iw_samples=IW_SAMPLES):
         # (docs/results.md), and the model's own posterior costs K x S passes of p(x|y,z1).
         return {"p_y": p_y, "q_y": q_y, "label": tf.argmax(q_y, -1, output_type=tf.int32)}
 
-    def one_sample(y, seed):
-        seed = _stateless_seed(seed)
-        mean, x, y = model.sample(1, y=None if y is None else y[None], seed=seed, draw=True)
-        return mean[0], x[0], y[0]
-
     def sample(seed):
-        probs, binary_images, y = _per_row(lambda s: one_sample(None, s), seed,
-                                           (tf.float32, tf.float32, tf.int32))
-        return {"probs": probs, "images": binary_images, "y": y}
+        # The whole batch at once; each row's noise comes from its own seed alone.
+        seeds = _row_seeds(seed)
+        probs, drawn, y = model.sample(tf.shape(seed)[0], noise=model.row_noise(seeds),
+                                       draw=True)
+        return {"probs": probs, "images": drawn, "y": y}
 
     def sample_class(y, seed):
         check = tf.debugging.assert_equal(
@@ -96,15 +104,17 @@ def _endpoints(model, iw_samples=IW_SAMPLES):
                                          message="y and seed must have the same length N")
         with tf.control_dependencies([check, size]):
             y = tf.identity(y)
-        probs, binary_images, _ = _per_row(lambda ys: one_sample(ys[0], ys[1]), (y, seed),
-                                           (tf.float32, tf.float32, tf.int32))
-        return {"probs": probs, "images": binary_images}
+        probs, drawn, _ = model.sample(tf.shape(y)[0], y=y,
+                                       noise=model.row_noise(_row_seeds(seed)), draw=True)
+        return {"probs": probs, "images": drawn}
 
     def likelihood(estimator, samples):
         def log_likelihood(x):
-            value = _per_row(lambda xi: model.iw_bound(xi[None], samples, seed=fixed,
-                                                       estimator=estimator)[0],
-                             images(x), tf.float32)
+            # Blocks of rows at once, every row with the same draws and the same chunks of
+            # samples: a row's bound is the one it gets alone.
+            value = _in_blocks(lambda block: model.iw_bound(
+                block, samples, seed=fixed, estimator=estimator, row_independent=True),
+                images(x), IW_ROWS)
             return {"log_likelihood": value}
         return log_likelihood
 

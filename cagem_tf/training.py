@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cagem_tf import callbacks, clustering, data, files, objective, rundir, serving
+from cagem_tf import callbacks, clustering, cpu, data, files, objective, rundir, serving
 from cagem_tf.config import MAY_CHANGE, Config, ConfigError
 from cagem_tf.files import UserError
 from cagem_tf.model import CaGeM
@@ -142,6 +142,9 @@ def train(config: Config, log=print) -> dict:
     # First: TensorFlow's global seed also enters tf.data's shuffles, and the initial weights
     # come from it, so one seed repeats a run, in a new process or the same one.
     keras.utils.set_random_seed(config.seed)
+    warning = cpu.precision_warning(config.precision)
+    if warning:
+        log(warning)
     arrays = data.load(config.dataset, config.data_dir, config.manual_dir, log=log)
     arrays = data.hold_out(arrays, config.validation, config.seed)
     clusters = config.clusters or arrays.num_classes

@@ -93,7 +93,8 @@ def test_loads_with_tensorflow_alone_and_matches_the_model(model, exported, tmp_
         np.testing.assert_allclose(out["classify"]["q_y"][i], q_y[0], atol=1e-5)
         for name, estimator, samples in (("log_likelihood_200", "exact", 200),
                                          ("log_likelihood_sampled_1000", "sampled", 1000)):
-            alone = model.iw_bound(x[i:i + 1], samples, seed=seed, estimator=estimator)
+            alone = model.iw_bound(x[i:i + 1], samples, seed=seed, estimator=estimator,
+                                   row_independent=True)
             np.testing.assert_allclose(out[name]["log_likelihood"][i], alone[0], rtol=1e-4)
     assert out["classify"]["label"] == np.argmax(out["classify"]["q_y"], -1).tolist()
     z1, z2 = model.encode(x)
@@ -272,8 +273,10 @@ def test_every_signature_answers_a_row_in_a_batch_as_it_answers_it_alone(exporte
     rows batched with it."""
     _, path = exported
     loaded = tf.saved_model.load(path)
-    x = tf.constant(_images(4, seed=3))
-    y, seed = tf.constant([2, 0, 1, 2], tf.int32), tf.constant([5, 6, 7, 8], tf.int32)
+    # More rows than a block of the likelihood signatures (serving.IW_ROWS), not a multiple.
+    n = serving.IW_ROWS + 3
+    x = tf.constant(_images(n, seed=3))
+    y, seed = tf.constant(np.arange(n) % K, tf.int32), tf.constant(5 + np.arange(n), tf.int32)
     inputs = {"sample": {"seed": seed}, "sample_class": {"y": y, "seed": seed}}
     assert set(loaded.signatures) >= {"classify", "sample", "sample_class", "encode",
                                       "reconstruct", "log_likelihood_200",
@@ -281,8 +284,16 @@ def test_every_signature_answers_a_row_in_a_batch_as_it_answers_it_alone(exporte
     for name, signature in loaded.signatures.items():
         args = inputs.get(name, {"x": x})
         batched = signature(**args)
-        for i in range(4):
+        for i in range(n):
             alone = signature(**{k: v[i:i + 1] for k, v in args.items()})
             for key, value in batched.items():
                 np.testing.assert_allclose(alone[key].numpy()[0], value.numpy()[i],
                                            rtol=1e-5, atol=1e-6, err_msg=f"{name}:{key}")
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 8, 19])
+def test_blocks_of_rows_give_each_row_its_own_value_whatever_the_batch(n):
+    x = tf.reshape(tf.range(n * 6, dtype=tf.float32), [n, 2, 3])
+    row_sums = lambda block: tf.reduce_sum(block, [1, 2])
+    values = tf.function(lambda x: serving._in_blocks(row_sums, x, 8))(x)
+    np.testing.assert_array_equal(values.numpy(), tf.reduce_sum(x, [1, 2]).numpy())

@@ -134,6 +134,48 @@ def test_different_number_of_clusters_unsupervised():
     assert model.classify(_x(), 2)[0].shape.as_list() == [B, 7]
 
 
+@pytest.mark.parametrize("estimator", ["exact", "sampled"])
+def test_the_row_independent_iw_bound_answers_a_row_in_a_batch_as_it_answers_it_alone(estimator):
+    model, x, seed = tiny_cagem(num_clusters=K), _x(B), tf.constant([3, 4])
+    bound = lambda rows: model.iw_bound(rows, 30, 8, seed, estimator, row_independent=True)
+    batch = bound(x).numpy()
+    for i in range(B):
+        np.testing.assert_allclose(batch[i], bound(x[i:i + 1]).numpy()[0], atol=1e-5)
+    default = model.iw_bound(x, 30, 8, seed, estimator).numpy()
+    assert not np.allclose(default[1], model.iw_bound(x[1:2], 30, 8, seed, estimator)[0])
+    # The same estimator either way: with q near the posterior (heads halved, as in
+    # test_exactness) the two bounds agree within their Monte Carlo noise.
+    for net in (model.q_z1, model.q_y, model.q_z2, model.p_y, model.p_z1, model.p_x):
+        for head in net.heads:
+            head.kernel.assign(0.5 * head.kernel)
+    shared = model.iw_bound(x, 5000, 500, seed, estimator, row_independent=True).numpy()
+    own = model.iw_bound(x, 5000, 500, seed, estimator).numpy()
+    np.testing.assert_allclose(shared, own, atol=0.3)       # per image: about 0.1 of noise
+    assert abs(shared.mean() - own.mean()) < 0.1
+
+
+def test_rows_sample_from_their_own_seeds_alone_as_in_a_batch():
+    model = tiny_cagem(num_clusters=K)
+    seeds = tf.constant([[5, 0], [6, 0], [7, 0], [5, 0]])
+    mean, x, y = model.sample(4, noise=model.row_noise(seeds), draw=True)
+    for i in range(4):
+        alone = model.sample(1, seed=seeds[i], draw=True)
+        for together, single in zip((mean, x, y), alone):
+            np.testing.assert_allclose(together.numpy()[i], single.numpy()[0], atol=1e-6)
+    np.testing.assert_allclose(mean[0], mean[3], atol=1e-6)   # the same seed twice
+    assert not np.allclose(mean[0], mean[1])
+
+
+def test_sampled_clusters_follow_p_y_given_z2():
+    """Gumbel-max on standard noise: y ~ Cat(softmax(logits of p(y|z2))) for z2 ~ p(z2)."""
+    model, n = tiny_cagem(num_clusters=K), 40000
+    _, y = model.sample(n, seed=tf.constant([1, 9]))
+    z2 = tf.random.stateless_normal([n, model.spec.z2_dim], [2, 3])
+    expected = tf.reduce_mean(tf.nn.softmax(model.p_y([z2])), 0).numpy()
+    observed = np.bincount(y.numpy(), minlength=K) / n
+    np.testing.assert_allclose(observed, expected, atol=4 * np.sqrt(0.25 / n) + 0.005)
+
+
 def test_the_row_independent_classifier_answers_a_row_in_a_batch_as_it_answers_it_alone():
     model, x, seed = tiny_cagem(num_clusters=K), _x(B), tf.constant([3, 4])
     batch = [t.numpy() for t in model.classify(x, seed=seed, row_independent=True)]

@@ -20,11 +20,12 @@ windows, iw_images, repeats: the flags of bench/throughput.py.
 
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
+
+from cagem_tf import cpu
 
 SETTINGS = {"suite": "full", "only": [], "dataset": None, "manual_dir": None, "data_dir": None,
             "steps": 15, "windows": 5, "iw_images": 4, "repeats": 3}
@@ -342,34 +343,12 @@ HEADERS = {
 }
 
 
-def _cpuinfo(key: str) -> str | None:
-    """The value of `key` in /proc/cpuinfo (its first processor), if there is one."""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.split(":", 1)[0].strip() == key:
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), or what platform says."""
-    return _cpuinfo("model name") or platform.processor() or platform.machine()
-
-
-def cpu_flags() -> list[str]:
-    """The CPU flags that decide bfloat16 speed: avx512_bf16, amx_bf16 (and amx_tile)."""
-    flags = set((_cpuinfo("flags") or "").split())
-    return sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512f"})
-
-
 def run(settings, out=print):
     """Prints every table of the suite in `settings`, one row per subprocess."""
     from importlib.metadata import version
     SETTINGS.update(settings)
     rows = [(t, s) for t, s in suite() if not SETTINGS["only"] or t in SETTINGS["only"]]
-    out(f"machine: {cpu_model()} ({', '.join(cpu_flags()) or 'no bfloat16 flags'}), "
+    out(f"machine: {cpu.model_name()} ({', '.join(cpu.reported_flags()) or 'flags unknown'}), "
         f"{os.cpu_count()} cores; "
         f"TensorFlow {version('tensorflow')}; {time.strftime('%Y-%m-%d')}; suite "
         f"{SETTINGS['suite']}; train: batch {TRAIN['batch']} + {TRAIN['labels']} labelled, "

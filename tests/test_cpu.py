@@ -1,0 +1,53 @@
+"""What the library reads from the CPU, and the one-line bfloat16 warning."""
+
+import pytest
+
+from cagem_tf import cpu, training
+from cagem_tf.config import Config
+from cagem_tf.files import UserError
+
+AVX2_ONLY = "processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: fpu sse2 avx avx2 fma\n"
+BF16 = AVX2_ONLY.replace("fma", "fma avx512f avx512_bf16")
+
+
+@pytest.fixture
+def cpuinfo(tmp_path, monkeypatch):
+    def use(text):
+        path = tmp_path / "cpuinfo"
+        path.write_text(text)
+        monkeypatch.setattr(cpu._cpuinfo, "__defaults__", (str(path),))
+    return use
+
+
+def test_the_cpu_is_read_from_cpuinfo(cpuinfo):
+    cpuinfo(BF16)
+    assert cpu.model_name() == "Test CPU"
+    assert cpu.reported_flags() == ["avx2", "fma", "avx512f", "avx512_bf16"]
+    assert cpu.has_bfloat16() is True
+    cpuinfo(AVX2_ONLY)
+    assert cpu.has_bfloat16() is False
+    cpuinfo("")
+    assert cpu.has_bfloat16() is None and cpu.reported_flags() == []
+
+
+def test_bfloat16_without_bfloat16_units_is_one_warning_line(cpuinfo):
+    cpuinfo(AVX2_ONLY)
+    line = cpu.precision_warning("mixed_bfloat16")
+    assert "\n" not in line and line.startswith("warning: --precision mixed_bfloat16") and \
+        "Test CPU" in line and "--precision float32" in line
+    assert cpu.precision_warning("float32") is None
+    cpuinfo(BF16)
+    assert cpu.precision_warning("mixed_bfloat16") is None
+    cpuinfo("")  # unknown: no guess
+    assert cpu.precision_warning("mixed_bfloat16") is None
+
+
+def test_training_says_so_before_anything_else(cpuinfo, tmp_path):
+    cpuinfo(AVX2_ONLY)
+    lines = []
+    config = Config(dataset=str(tmp_path / "missing.npz"), model_dir=str(tmp_path / "run"),
+                    precision="mixed_bfloat16")
+    with pytest.raises(UserError):
+        training.train(config, log=lines.append)
+    assert lines and lines[0].startswith("warning: --precision mixed_bfloat16")
+    assert not (tmp_path / "run").exists()

@@ -56,13 +56,16 @@ def _in_blocks(fn, x, rows: int):
     """fn on blocks of up to `rows` rows of x (the last one padded): the likelihood's memory
     grows with rows x samples per chunk, so a large batch is computed a block at a time."""
     n = tf.shape(x)[0]
-    block = tf.maximum(tf.minimum(n, rows), 1)
-    count = (n + block - 1) // block
-    padded = tf.pad(x, tf.concat([[[0, count * block - n]], tf.zeros([tf.rank(x) - 1, 2],
-                                                                      tf.int32)], 0))
-    blocks = tf.reshape(padded, tf.concat([[count, block], tf.shape(x)[1:]], 0))
-    values = tf.map_fn(fn, blocks, fn_output_signature=tf.float32)
-    return tf.reshape(values, [-1])[:n]
+
+    def blocked():
+        count = (n + rows - 1) // rows
+        padded = tf.pad(x, tf.concat([[[0, count * rows - n]],
+                                      tf.zeros([tf.rank(x) - 1, 2], tf.int32)], 0))
+        blocks = tf.reshape(padded, tf.concat([[count, rows], tf.shape(x)[1:]], 0))
+        return tf.reshape(tf.map_fn(fn, blocks, fn_output_signature=tf.float32), [-1])[:n]
+
+    # A batch of one block (one row alone, above all) is computed as it is, without a loop.
+    return tf.cond(n <= rows, lambda: fn(x), blocked)
 
 
 def _endpoints(model, iw_samples=IW_SAMPLES):

@@ -122,3 +122,24 @@ def test_quick_suite_prints_every_table():
     rows = [line for line in out.splitlines() if line.startswith("| 64/32, K=10")]
     assert len(rows) == 6 and sum("reference (tiled)" in r for r in rows) == 1, out
     assert sum("mixed_bfloat16" in r for r in rows) == 1, out
+
+
+def test_the_pytorch_comparison_needs_a_python_and_says_so_in_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "bench/versus_torch.py",
+                             f"--torch_python={tmp_path / 'no-python'}"], cwd=root,
+                            capture_output=True, text=True, timeout=120)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode != 0 and last.startswith("error: --torch_python") and \
+        "pip install torch" in last
+
+
+def test_the_pytorch_peer_module_is_importable_without_pytorch():
+    """The package never depends on PyTorch: the peer imports it only when it runs."""
+    import importlib
+    import sys
+    peer = importlib.import_module("cagem_tf.benchmark.torch_peer")
+    assert callable(peer.build) and "torch" not in sys.modules

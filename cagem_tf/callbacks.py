@@ -68,6 +68,20 @@ class Anneal(StepSchedule):
         return self.end + (self.start - self.end) * max(0.0, 1.0 - t / self.epochs)
 
 
+class DropDepartures(keras.callbacks.Callback):
+    """From epoch `epochs` on (where the departures' anneals end at 0) the model's step is the
+    paper's alone: `CaGeM.drop_departures` retraces it without their terms."""
+
+    def __init__(self, epochs: int, log=None):
+        super().__init__()
+        self.epochs, self.log = epochs, log
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch >= self.epochs and self.model.drop_departures() and self.log:
+            self.log(f"epoch {epoch + 1}: the departures' weights are 0; the step is the "
+                     "paper's alone from here")
+
+
 def step_decay(learning_rate: float, decay: float, decay_epochs: int):
     """epoch -> learning_rate * decay ** (epoch // decay_epochs), for LearningRateScheduler."""
     def schedule(epoch, current=None):

@@ -544,6 +544,20 @@ class CaGeM(keras.Model):
         names += ["h_z2_code"] if self.z2_code else []
         self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
 
+    def drop_departures(self) -> bool:
+        """Takes the opt-in departures out of the step once their weights are 0 for good (the
+        end of their anneal): the step is retraced without their terms, so it computes the
+        paper's loss alone, no longer their values and zero-weighted gradients. Returns whether
+        there was one to drop."""
+        if not (self.cluster_usage or self.pseudo_labels or self.z2_code):
+            return False
+        self.cluster_usage = self.pseudo_labels = self.z2_code = False
+        self.terms = tuple(t for t in self.terms if t.name == "h_labelled")
+        for name in ("h_pseudo", "h_z2_code"):
+            self.trackers.pop(name, None)
+        self.make_train_function(force=True)
+        return True
+
     def get_compile_config(self):
         return {"optimizer": keras.optimizers.serialize(self.optimizer), "alpha": self.alpha,
                 "cluster_usage": self.cluster_usage, "pseudo_labels": self.pseudo_labels,

@@ -93,6 +93,9 @@ def _callbacks(config: Config, run: rundir.RunDir, model, checkpoint, stop, arra
     moved = schedules(config, model)
     fit_callbacks = [stop, *moved, keras.callbacks.LearningRateScheduler(decay),
                      keras.callbacks.TerminateOnNaN(), checkpoint]
+    if config.cluster_usage or config.pseudo_labels or config.z2_code:
+        fit_callbacks.insert(1 + len(moved), callbacks.DropDepartures(config.departure_epochs,
+                                                                      log if chief else None))
     if not chief:
         return fit_callbacks
     n_eval = min(config.eval_subset, len(arrays.x_test))

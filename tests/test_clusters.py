@@ -116,6 +116,37 @@ def test_departures_anneal_to_zero_and_then_leave_the_papers_objective():
     assert usage(a) > usage(b) > usage(c)
 
 
+def test_once_annealed_out_the_departures_leave_the_step_which_is_then_the_papers(tmp_path):
+    """From the epoch where their weights reach 0, a fit with every departure runs the very
+    step of a model compiled without them: the same loss, the same weights, no departure
+    value."""
+    x = (np.random.default_rng(0).random((16, 5)) < 0.5).astype(np.float32)
+    y = np.arange(16) % 2
+    data = tf.data.Dataset.from_tensors({"x": x, "y_pseudo": y}).repeat()
+    with_terms, without = tiny_cagem(num_clusters=2), tiny_cagem(num_clusters=2)
+    with_terms.compile(keras.optimizers.SGD(0.1), cluster_usage=True, pseudo_labels=True,
+                       z2_code=True)
+    without.compile(keras.optimizers.SGD(0.1))
+    anneals = [callbacks.Anneal(getattr(with_terms, w), 1.0, epochs=1)
+               for w in ("usage_weight", "pseudo_weight", "code_weight")]
+    said = []
+    history = with_terms.fit(data, epochs=3, steps_per_epoch=2, verbose=0,
+                             callbacks=[*anneals, callbacks.DropDepartures(1, said.append)])
+    # The departures' values are logged for the first epoch only.
+    assert len(history.history["h_pseudo"]) == len(history.history["h_z2_code"]) == 1
+    assert len(history.history["elbo"]) == 3 and len(said) == 1 and "epoch 2" in said[0]
+    assert not with_terms.drop_departures()  # once
+    # Both from the same weights on: one more epoch each.
+    for va, vb in zip(with_terms.variables, without.variables):
+        vb.assign(va)
+    without.optimizer.iterations.assign(with_terms.optimizer.iterations)
+    a = with_terms.fit(data, epochs=1, steps_per_epoch=2, verbose=0).history["loss"]
+    b = without.fit(data, epochs=1, steps_per_epoch=2, verbose=0).history["loss"]
+    assert a == pytest.approx(b, rel=1e-6)
+    for va, vb in zip(with_terms.trainable_variables, without.trainable_variables):
+        np.testing.assert_allclose(va.numpy(), vb.numpy(), atol=1e-6)
+
+
 def test_seeded_kmeans_gives_every_labelled_image_its_class_and_aligns_clusters_with_classes():
     rng = np.random.default_rng(2)
     centres = rng.normal(0, 10, (3, 5))

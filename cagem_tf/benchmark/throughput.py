@@ -4,7 +4,8 @@ tables (the program is bench/throughput.py).
 Tables: the data pipeline alone; the dense matmul rate of this CPU through TensorFlow; the train
 step (examples/s, the analytic FLOPs of `flops`, the fraction of the matmul rate measured on
 the step's own matmul shapes, peak memory) against K, hidden sizes, batch size, thread settings,
-XLA, and the straightforward reference of `reference`; the library's step against that
+XLA, and the straightforward reference of `reference`; the step for 8-bit and colour images and
+convolutional networks (speed and memory); the library's step against that
 reference in alternating windows of one process; the IW bound (test images/s and the projected
 time for the 10,000 MNIST test images) against estimator, S, chunk size, images per call, K and
 XLA.
@@ -32,7 +33,8 @@ SETTINGS = {"suite": "full", "only": [], "dataset": None, "manual_dir": None, "d
 PAPER = {"lower": 1024, "upper": 512}
 SMALL = {"lower": 500, "upper": 256}
 TRAIN = {"clusters": 10, "batch": 100, "labels": 100, "intra": 0, "inter": 0, "xla": False,
-         "tiled": False, "precision": "float32"}
+         "tiled": False, "precision": "float32", "likelihood": "bernoulli",
+         "architecture": "mlp", "channels": 1}
 IW = {"clusters": 10, "estimator": "exact", "samples": 5000, "chunk": None, "images": None,
       "xla": False, "intra": 0, "inter": 0}
 TEST_IMAGES = 10000
@@ -43,6 +45,8 @@ def suite():
     if SETTINGS["suite"] == "quick":
         tiny = {"lower": 64, "upper": 32}
         return [("pipeline", {}), ("matmul", {}), ("train", {**tiny}),
+                ("images", {**tiny, "likelihood": "discretized_logistic",
+                            "architecture": "conv", "channels": 3}),
                 ("train", {**tiny, "precision": "mixed_bfloat16"}),
                 ("train", {**tiny, "tiled": True}), ("versus", {**tiny}),
                 ("iw", {**tiny, "samples": 200}),
@@ -56,6 +60,9 @@ def suite():
     rows += [("train", {**PAPER, "intra": i, "inter": j}) for i, j in ((1, 1), (2, 1), (1, 2))]
     rows += [("train", {**PAPER, "xla": True})]
     rows += [("train", {**size, "precision": "mixed_bfloat16"}) for size in (PAPER, SMALL)]
+    rows += [("images", {**SMALL, "likelihood": lik, "architecture": arch, "channels": c})
+             for c in (1, 3) for arch in ("mlp", "conv")
+             for lik in ("bernoulli", "discretized_logistic")]
     rows += [("versus", size) for size in (PAPER, SMALL)]
     rows += [("versus", {**PAPER, "intra": 1, "inter": 2})]
     for size in (PAPER, SMALL):
@@ -192,13 +199,20 @@ def _trainer(spec, tiled):
     from cagem_tf.benchmark.reference import TiledCaGeM
     from cagem_tf import CaGeM
     cls = TiledCaGeM if tiled else CaGeM
+    shape = (28, 28, spec["channels"])
     model = cls(num_clusters=spec["clusters"], hidden_lower=spec["lower"],
-                hidden_upper=spec["upper"], seed=0, precision=spec["precision"])
+                hidden_upper=spec["upper"], seed=0, precision=spec["precision"],
+                likelihood=spec["likelihood"], architecture=spec["architecture"],
+                image_shape=shape)
     rng = np.random.default_rng(0)
     B, L, K = spec["batch"], min(100, spec["labels"]), spec["clusters"]
-    batch = {"x": (rng.random((B, 28, 28, 1)) < 0.2).astype(np.float32)}
+    # Binary images, or 8-bit levels / 255 for the discretized likelihood.
+    images = (lambda n: (rng.random((n, *shape)) < 0.2).astype(np.float32)) \
+        if spec["likelihood"] == "bernoulli" else \
+        (lambda n: (rng.integers(0, 256, (n, *shape)) / 255).astype(np.float32))
+    batch = {"x": images(B)}
     if L:
-        batch["x_labelled"] = (rng.random((L, 28, 28, 1)) < 0.2).astype(np.float32)
+        batch["x_labelled"] = images(L)
         batch["y_labelled"] = (np.arange(L) % K).astype(np.int32)
     model.compile(keras.optimizers.Adam(1e-3), alpha=1.0 if L else 0.0,
                   jit_compile=spec["xla"])
@@ -228,6 +242,17 @@ def measure_train(spec):
     return {"examples_per_s": B / seconds, "epoch_s": 60000 / (B / seconds),
             "gflop_per_step": flops / 1e9, "gflops": flops / seconds / 1e9,
             "matmul_gflops": flops / matmul_s / 1e9, "fraction": matmul_s / seconds,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def measure_images(spec):
+    """The train step for other images and networks (likelihood, architecture, channels):
+    speed and memory only (the FLOP count covers the MLP of binary grey images)."""
+    import numpy as np
+    _threads(spec)
+    _, run = _trainer(spec, False)
+    seconds = float(np.median(run(SETTINGS["windows"])))
+    return {"examples_per_s": spec["batch"] / seconds, "epoch_s": 60000 * seconds / spec["batch"],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -278,7 +303,7 @@ def child(payload):
     table, spec, settings = json.loads(payload)
     SETTINGS.update(settings)
     measure = {"pipeline": measure_pipeline, "matmul": measure_matmul, "train": measure_train,
-               "versus": measure_versus, "iw": measure_iw}[table]
+               "images": measure_images, "versus": measure_versus, "iw": measure_iw}[table]
     print("RESULT" + json.dumps(measure(spec)))
 
 
@@ -330,6 +355,12 @@ HEADERS = {
                            f"{r['epoch_s']:.0f} | {r['gflop_per_step']:.1f} | {r['gflops']:.0f} "
                            f"| {r['matmul_gflops']:.0f} | {100 * r['fraction']:.0f}% | "
                            f"{r['peak_rss_mb']:.0f} |"),
+    "images": ("| train step, images and networks | examples/s | s per 60,000 images | "
+               "peak RSS (MB) |\n|---|---|---|---|",
+               lambda s, r: f"| {_describe('train', s)}, {s['likelihood']}, "
+                            f"{s['architecture']}, 28x28x{s['channels']} | "
+                            f"{r['examples_per_s']:.0f} | {r['epoch_s']:.0f} | "
+                            f"{r['peak_rss_mb']:.0f} |"),
     "versus": ("| per-input projections vs tiled reference, alternating windows | ours "
                "examples/s | reference examples/s | step time saved | multiply-adds saved |\n"
                "|---|---|---|---|---|",
@@ -357,7 +388,8 @@ def run(settings, out=print):
         f"{SETTINGS['iw_images']} images per call, median of {SETTINGS['repeats']} calls")
     current = None
     for table, spec in rows:
-        spec = {**(IW if table == "iw" else TRAIN if table in ("train", "versus") else {}),
+        spec = {**(IW if table == "iw" else TRAIN if table in ("train", "versus", "images")
+                   else {}),
                 **spec}
         if table != current:
             out("\n" + HEADERS[table][0])

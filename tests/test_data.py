@@ -11,7 +11,9 @@ import tensorflow_datasets as tfds
 
 from cagem_tf import data
 
-SHARED_MNIST = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist")
+# The real MNIST IDX files: $CAGEM_MNIST_DIR, else the developers' and CI's copy beside the checkout.
+SHARED_MNIST = os.environ.get("CAGEM_MNIST_DIR") or os.path.join(
+    os.path.dirname(__file__), "..", "..", "shared", "data", "mnist")
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 
 

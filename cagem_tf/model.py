@@ -534,15 +534,19 @@ class CaGeM(keras.Model):
         self.label_weight.assign(self.alpha)
         self.cluster_usage, self.pseudo_labels = bool(cluster_usage), bool(pseudo_labels)
         self.z2_code = bool(z2_code)
-        active = {"h_labelled": self.alpha > 0, "batch_usage": self.cluster_usage,
-                  "h_pseudo": self.pseudo_labels, "h_z2_code": self.z2_code}
-        self.terms = tuple(t for t in objective.WEIGHTED_TERMS if active[t.name])
+        self.terms = self._active_terms()
         names = ["loss", "elbo", "log_px", "kl_z1", "kl_z2", "kl_y", "batch_usage"]
         names += ["bits_per_dim"] if self.reports_bits else []
         names += ["h_p", "h_q", "error_p", "error_q", "alpha"] if self.alpha > 0 else []
         names += ["h_pseudo"] if self.pseudo_labels else []
         names += ["h_z2_code"] if self.z2_code else []
         self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
+
+    def _active_terms(self) -> tuple:
+        """The weighted terms of `objective` the step computes, from the compile settings."""
+        active = {"h_labelled": self.alpha > 0, "batch_usage": self.cluster_usage,
+                  "h_pseudo": self.pseudo_labels, "h_z2_code": self.z2_code}
+        return tuple(t for t in objective.WEIGHTED_TERMS if active[t.name])
 
     def drop_departures(self) -> bool:
         """Takes the opt-in departures out of the step once their weights are 0 for good (the
@@ -552,7 +556,7 @@ class CaGeM(keras.Model):
         if not (self.cluster_usage or self.pseudo_labels or self.z2_code):
             return False
         self.cluster_usage = self.pseudo_labels = self.z2_code = False
-        self.terms = tuple(t for t in self.terms if t.name == "h_labelled")
+        self.terms = self._active_terms()
         for name in ("h_pseudo", "h_z2_code"):
             self.trackers.pop(name, None)
         self.make_train_function(force=True)

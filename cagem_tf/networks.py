@@ -33,6 +33,10 @@ from cagem_tf.config import ConfigError
 tfd = tfp.distributions
 
 
+# Channel multiple at which oneDNN's bfloat16 batch norm has its fast kernel (one AVX-512 register).
+BFLOAT16_CHANNELS = 16
+
+
 class BatchNorm(keras.layers.BatchNormalization):
     """Batch normalization whose moving statistics can be left untouched in training mode.
 
@@ -43,7 +47,8 @@ class BatchNorm(keras.layers.BatchNormalization):
     In training (unless synchronized over replicas) the normalization runs as TensorFlow's fused
     kernel on the input seen as [N,1,1,C], N the product of the leading axes: the same function
     and gradient as Keras' composite ops, in one op each way, about twice as fast on a CPU.
-    The moving variance is updated with the biased batch variance, as Keras does.
+    The moving variance is updated with the biased batch variance, as Keras does. In bfloat16
+    the kernel runs in float32 when the channels are not a multiple of `BFLOAT16_CHANNELS`.
     """
 
     def build(self, input_shape):
@@ -69,8 +74,13 @@ class BatchNorm(keras.layers.BatchNormalization):
                 scale=self.gamma, epsilon=self.epsilon)
         channels = inputs.shape[-1]
         flat = tf.reshape(inputs, [-1, 1, 1, channels])
+        # oneDNN's bfloat16 kernel is fast only for multiples of 16 channels; at others (the CPU
+        # protocol's 500) it is about 25x slower than float32, so those run in float32.
+        cast = flat.dtype == tf.bfloat16 and channels % BFLOAT16_CHANNELS != 0
         outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-            flat, self.gamma, self.beta, epsilon=self.epsilon, is_training=True)
+            tf.cast(flat, tf.float32) if cast else flat, self.gamma, self.beta,
+            epsilon=self.epsilon, is_training=True)
+        outputs = tf.cast(outputs, flat.dtype)
         if collect:
             n = tf.cast(tf.shape(flat)[0], variance.dtype)
             variance = variance * (n - 1.0) / tf.maximum(n, 2.0)  # the kernel's is unbiased

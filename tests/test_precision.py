@@ -86,3 +86,23 @@ def test_a_tiny_mixed_run_trains_exports_evaluates_and_keeps_its_precision(tmp_p
     assert np.isfinite(results["bounds"]["10"]["mean"])
     with pytest.raises(rundir.RunError, match="--precision"):
         training.train(config.replace(precision="float32", epochs=3), log=lambda m: None)
+
+
+@pytest.mark.parametrize("channels, kernel_dtype", [(500, tf.float32), (512, tf.bfloat16)])
+def test_bfloat16_batch_norm_runs_in_float32_off_the_multiple_of_16(channels, kernel_dtype):
+    """oneDNN's bfloat16 batch norm is fast only at multiples of 16 channels: elsewhere the
+    fused kernel runs in float32 and the layer still answers in bfloat16, with float32's values."""
+    import keras
+    from cagem_tf.networks import BatchNorm
+    norm = BatchNorm(dtype=keras.DTypePolicy("mixed_bfloat16"))
+    x = tf.cast(tf.random.stateless_normal([3, 40, channels], [1, 2]) * 3.0 + 1.0, tf.bfloat16)
+    norm.build(x.shape)
+    graph = tf.function(lambda u: norm(u, training=True)).get_concrete_function(x).graph
+    kernels = [op for op in graph.get_operations() if op.type.startswith("FusedBatchNorm")]
+    assert [op.get_attr("T") for op in kernels] == [kernel_dtype.as_datatype_enum]
+    out = norm(x, training=True)
+    assert out.dtype == tf.bfloat16
+    flat = tf.reshape(tf.cast(x, tf.float32), [-1, channels])
+    expected = (flat - tf.reduce_mean(flat, 0)) / tf.sqrt(tf.math.reduce_variance(flat, 0) + 1e-3)
+    np.testing.assert_allclose(tf.reshape(tf.cast(out, tf.float32), [-1, channels]), expected,
+                               atol=0.05)

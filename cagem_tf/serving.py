@@ -53,16 +53,18 @@ def _row_seeds(seed):
 
 
 def _in_blocks(fn, x, rows: int):
-    """fn on blocks of up to `rows` rows of x (the last one padded): the likelihood's memory
+    """fn on blocks of `rows` rows of x and then on the rows left over: the likelihood's memory
     grows with rows x samples per chunk, so a large batch is computed a block at a time."""
     n = tf.shape(x)[0]
 
     def blocked():
-        count = (n + rows - 1) // rows
-        padded = tf.pad(x, tf.concat([[[0, count * rows - n]],
-                                      tf.zeros([tf.rank(x) - 1, 2], tf.int32)], 0))
-        blocks = tf.reshape(padded, tf.concat([[count, rows], tf.shape(x)[1:]], 0))
-        return tf.reshape(tf.map_fn(fn, blocks, fn_output_signature=tf.float32), [-1])[:n]
+        full = n // rows
+        blocks = tf.reshape(x[:full * rows], tf.concat([[full, rows], tf.shape(x)[1:]], 0))
+        values = tf.reshape(tf.map_fn(fn, blocks, fn_output_signature=tf.float32), [-1])
+        rest = x[full * rows:]
+        # The rows left over go on their own (no padding rows computed for nothing).
+        return tf.concat([values, tf.cond(tf.shape(rest)[0] > 0, lambda: fn(rest),
+                                          lambda: tf.zeros([0], tf.float32))], 0)
 
     # A batch of one block (one row alone, above all) is computed as it is, without a loop.
     return tf.cond(n <= rows, lambda: fn(x), blocked)

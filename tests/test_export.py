@@ -291,9 +291,15 @@ def test_every_signature_answers_a_row_in_a_batch_as_it_answers_it_alone(exporte
                                            rtol=1e-5, atol=1e-6, err_msg=f"{name}:{key}")
 
 
-@pytest.mark.parametrize("n", [0, 1, 5, 8, 19])
-def test_blocks_of_rows_give_each_row_its_own_value_whatever_the_batch(n):
+@pytest.mark.parametrize("n", [0, 1, 5, 8, 16, 19])
+def test_blocks_of_rows_give_each_row_its_own_value_and_compute_no_padding(n):
     x = tf.reshape(tf.range(n * 6, dtype=tf.float32), [n, 2, 3])
-    row_sums = lambda block: tf.reduce_sum(block, [1, 2])
+    computed = tf.Variable(0)
+
+    def row_sums(block):
+        computed.assign_add(tf.shape(block)[0])
+        return tf.reduce_sum(block, [1, 2])
+
     values = tf.function(lambda x: serving._in_blocks(row_sums, x, 8))(x)
     np.testing.assert_array_equal(values.numpy(), tf.reduce_sum(x, [1, 2]).numpy())
+    assert computed.numpy() == n

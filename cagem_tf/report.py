@@ -147,25 +147,29 @@ def per_image_bounds(model_dir: str, samples: int, results: dict | None = None):
     return np.load(path)
 
 
-def paired_difference(model_dir: str, baseline_dir: str, samples: int) -> tuple:
+def paired_difference(model_dir: str, baseline_dir: str, samples: int,
+                      results: dict | None = None, baseline_results: dict | None = None) -> tuple:
     """(mean, standard error) over images of F_S(run) - F_S(baseline), paired per image (both
     scored on the same images, so the difference is measured far more precisely than the
-    means)."""
-    difference = per_image_bounds(model_dir, samples) - per_image_bounds(baseline_dir, samples)
+    means). results, baseline_results: the runs' results.json when already read."""
+    difference = (per_image_bounds(model_dir, samples, results)
+                  - per_image_bounds(baseline_dir, samples, baseline_results))
     return float(difference.mean()), float(difference.std() / np.sqrt(len(difference)))
 
 
 def paired_table(run_dirs: dict, baseline: str, samples: int) -> str:
     """Markdown: F_S of each run ({name: run directory}) minus that of the run named
     `baseline`, paired per image (`paired_difference`)."""
-    dims = {files.read_json(os.path.join(rundir.RunDir(d).evaluation, "results.json")).get(
-        "data_dim") for d in run_dirs.values()}
+    results = {name: files.read_json(os.path.join(rundir.RunDir(d).evaluation, "results.json"))
+               for name, d in run_dirs.items()}
+    dims = {r.get("data_dim") for r in results.values()}
     bits = dims.pop() if len(dims) == 1 and None not in dims else None
     head = f"| run | F_{samples} - {baseline} (nats, paired per image) |"
     lines = [head + (" the same in bits per dimension |" if bits else ""),
              "|---|---|" + ("---|" if bits else "")]
     for name, run_dir in run_dirs.items():
-        mean, stderr = paired_difference(run_dir, run_dirs[baseline], samples)
+        mean, stderr = paired_difference(run_dir, run_dirs[baseline], samples, results[name],
+                                         results[baseline])
         row = f"| {name} | {mean:+.2f} ± {stderr:.2f} |"
         if bits:  # a higher bound is fewer bits
             row += (f" {objective.bits_per_dim(mean, bits):+.4f} ± "

@@ -403,17 +403,19 @@ class CaGeM(keras.Model):
         """The standard noises of `sample` for N = `num_samples` rows, from one stateless seed:
         z2 [N,d2] and z1 [N,d1] ~ N(0, I), y [N,K] and x [N,D] ~ U(0, 1)."""
         seeds = tfp.random.split_seed(self._seed(seed), n=4)
-        shapes = {"z2": [self.spec.z2_dim], "y": [self.num_clusters], "z1": [self.spec.z1_dim],
-                  "x": [self.data_dim]}
         return {key: (tf.random.stateless_normal if key.startswith("z") else
-                      tf.random.stateless_uniform)([num_samples, *shape], s)
-                for (key, shape), s in zip(shapes.items(), tf.unstack(seeds))}
+                      tf.random.stateless_uniform)([num_samples, size], s)
+                for (key, size), s in zip(self._noise_sizes().items(), tf.unstack(seeds))}
+
+    def _noise_sizes(self) -> dict:
+        """The width of each noise of `sample_noise`, in its order."""
+        return {"z2": self.spec.z2_dim, "y": self.num_clusters, "z1": self.spec.z1_dim,
+                "x": self.data_dim}
 
     def row_noise(self, seeds) -> dict:
         """`sample_noise` of one row per stateless seed (seeds int32 [N,2]): row n's noise
         depends on seeds[n] alone, so a row samples the same alone or in any batch."""
-        spec = {key: tf.TensorSpec(value.shape[1:], tf.float32)
-                for key, value in self.sample_noise(1, tf.constant([0, 0])).items()}
+        spec = {key: tf.TensorSpec([size], tf.float32) for key, size in self._noise_sizes().items()}
         return tf.map_fn(lambda s: {k: v[0] for k, v in self.sample_noise(1, s).items()},
                          seeds, fn_output_signature=spec)
 

@@ -117,11 +117,12 @@ def test_quick_suite_prints_every_table():
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     for header in ("| data pipeline |", "| square matmul", "| train step |",
+                   "| train step by precision |",
                    "| train step, images and networks |",
                    "| per-input projections vs tiled reference", "| IW bound |"):
         assert header in out, out
     rows = [line for line in out.splitlines() if line.startswith("| 64/32, K=10")]
-    assert len(rows) == 7 and sum("reference (tiled)" in r for r in rows) == 1, out
+    assert len(rows) == 8 and sum("reference (tiled)" in r for r in rows) == 1, out
     assert sum("discretized_logistic, conv, 28x28x3" in r for r in rows) == 1, out
     assert sum("mixed_bfloat16" in r for r in rows) == 1, out
 

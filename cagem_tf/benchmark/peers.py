@@ -1,5 +1,5 @@
-"""The library's unlabelled train step against the same network in PyTorch (eager and
-torch.compile, `torch_peer`), alternating processes round by round so that a machine's drift
+"""The library's unlabelled train step (with TensorFlow's default threads and with intra-op 1 /
+inter-op 2) against the same network in PyTorch (eager and torch.compile, `torch_peer`), alternating processes round by round so that a machine's drift
 falls on every variant alike (the program is bench/versus_torch.py).
 
 PyTorch runs from another Python (`torch_python`, the benchmark's own environment): it is never
@@ -15,7 +15,9 @@ from cagem_tf import cpu
 from cagem_tf.benchmark import throughput
 
 SIZES = (throughput.PAPER, throughput.SMALL)
-VARIANTS = ("cagem-tf", "PyTorch eager", "PyTorch torch.compile")
+THREADS = {"intra": 1, "inter": 2}
+VARIANTS = ("cagem-tf", "cagem-tf, intra 1 / inter 2 threads", "PyTorch eager",
+            "PyTorch torch.compile")
 
 
 def _torch_child(torch_python: str, spec: dict) -> dict:
@@ -33,11 +35,13 @@ def measure(torch_python: str, size: dict, steps: int, windows: int) -> dict:
     """examples/s of each variant at `size` ({"lower", "upper"}), one process each."""
     throughput.SETTINGS.update(steps=steps, windows=windows)
     ours = throughput.run_child("train", {**throughput.TRAIN, **size, "labels": 0})
+    threads = throughput.run_child("train", {**throughput.TRAIN, **size, "labels": 0, **THREADS})
     spec = {**size, "clusters": throughput.TRAIN["clusters"], "batch": throughput.TRAIN["batch"],
             "steps": steps, "windows": windows}
     eager = _torch_child(torch_python, spec)
     compiled = _torch_child(torch_python, {**spec, "compile": True})
-    return {"cagem-tf": ours["examples_per_s"], "PyTorch eager": eager["examples_per_s"],
+    return {"cagem-tf": ours["examples_per_s"], VARIANTS[1]: threads["examples_per_s"],
+            "PyTorch eager": eager["examples_per_s"],
             "PyTorch torch.compile": compiled["examples_per_s"], "torch": eager["torch"],
             "matmul_fraction": ours["fraction"]}
 
@@ -55,7 +59,7 @@ def run(torch_python: str, rounds: int = 3, steps: int = 15, windows: int = 5, o
     out(f"machine: {cpu.model_name()} ({', '.join(cpu.reported_flags()) or 'flags unknown'}), "
         f"{os.cpu_count()} cores; TensorFlow {version('tensorflow')}, PyTorch {first['torch']}; "
         f"unlabelled step, K = {throughput.TRAIN['clusters']}, batch {throughput.TRAIN['batch']}, "
-        f"float32, default threads; median of {windows} windows of {steps} steps per process; "
+        f"float32, default threads unless named; median of {windows} windows of {steps} steps per process; "
         f"{rounds} rounds, the variants alternating")
     out("\n| size | variant | examples/s per round | median | cagem-tf / variant |\n"
         "|---|---|---|---|---|")

@@ -4,7 +4,7 @@ tables (the program is bench/throughput.py).
 Tables: the data pipeline alone; the dense matmul rate of this CPU through TensorFlow; the train
 step (examples/s, the analytic FLOPs of `flops`, the fraction of the matmul rate measured on
 the step's own matmul shapes, peak memory) against K, hidden sizes, batch size, thread settings,
-XLA, and the straightforward reference of `reference`; the step for 8-bit and colour images and
+XLA, and the straightforward reference of `reference`; float32 beside mixed_bfloat16 by width; the step for 8-bit and colour images and
 convolutional networks (speed and memory); the library's step against that
 reference in alternating windows of one process; the IW bound (test images/s and the projected
 time for the 10,000 MNIST test images) against estimator, S, chunk size, images per call, K and
@@ -45,10 +45,11 @@ def suite():
     if SETTINGS["suite"] == "quick":
         tiny = {"lower": 64, "upper": 32}
         return [("pipeline", {}), ("matmul", {}), ("train", {**tiny}),
+                ("train", {**tiny, "tiled": True}),
+                ("precision", {**tiny}), ("precision", {**tiny, "precision": "mixed_bfloat16"}),
                 ("images", {**tiny, "likelihood": "discretized_logistic",
                             "architecture": "conv", "channels": 3}),
-                ("train", {**tiny, "precision": "mixed_bfloat16"}),
-                ("train", {**tiny, "tiled": True}), ("versus", {**tiny}),
+                ("versus", {**tiny}),
                 ("iw", {**tiny, "samples": 200}),
                 ("iw", {**tiny, "samples": 200, "estimator": "sampled"})]
     rows = [("pipeline", {}), ("matmul", {})]
@@ -59,7 +60,10 @@ def suite():
     rows += [("train", {**PAPER, "batch": b}) for b in (50, 200, 500)]
     rows += [("train", {**PAPER, "intra": i, "inter": j}) for i, j in ((1, 1), (2, 1), (1, 2))]
     rows += [("train", {**PAPER, "xla": True})]
-    rows += [("train", {**size, "precision": "mixed_bfloat16"}) for size in (PAPER, SMALL)]
+    # float32 beside mixed_bfloat16 at widths on and off the multiples of 16 bfloat16 kernels want.
+    rows += [("precision", {**size, "precision": p})
+             for size in (PAPER, SMALL, {"lower": 512, "upper": 256}, {"lower": 300, "upper": 100})
+             for p in ("float32", "mixed_bfloat16")]
     rows += [("images", {**SMALL, "likelihood": lik, "architecture": arch, "channels": c})
              for c in (1, 3) for arch in ("mlp", "conv")
              for lik in ("bernoulli", "discretized_logistic")]
@@ -303,6 +307,7 @@ def child(payload):
     table, spec, settings = json.loads(payload)
     SETTINGS.update(settings)
     measure = {"pipeline": measure_pipeline, "matmul": measure_matmul, "train": measure_train,
+               "precision": measure_train,
                "images": measure_images, "versus": measure_versus, "iw": measure_iw}[table]
     print("RESULT" + json.dumps(measure(spec)))
 
@@ -335,7 +340,15 @@ def _describe(table, spec):
         parts.append("**reference (tiled)**")
     if spec.get("precision", "float32") != "float32":
         parts.append(f"**{spec['precision']}**")
+    elif table == "precision":
+        parts.append("float32")
     return ", ".join(parts)
+
+
+def _train_row(s, r, table="train"):
+    return (f"| {_describe(table, s)} | {r['examples_per_s']:.0f} | {r['epoch_s']:.0f} | "
+            f"{r['gflop_per_step']:.1f} | {r['gflops']:.0f} | {r['matmul_gflops']:.0f} | "
+            f"{100 * r['fraction']:.0f}% | {r['peak_rss_mb']:.0f} |")
 
 
 HEADERS = {
@@ -351,10 +364,11 @@ HEADERS = {
     "train": ("| train step | examples/s | s per MNIST epoch | GFLOP per step | GFLOP/s | "
               "matmul GFLOP/s on the step's shapes | fraction of matmul rate | peak RSS (MB) |\n"
               "|---|---|---|---|---|---|---|---|",
-              lambda s, r: f"| {_describe('train', s)} | {r['examples_per_s']:.0f} | "
-                           f"{r['epoch_s']:.0f} | {r['gflop_per_step']:.1f} | {r['gflops']:.0f} "
-                           f"| {r['matmul_gflops']:.0f} | {100 * r['fraction']:.0f}% | "
-                           f"{r['peak_rss_mb']:.0f} |"),
+              lambda s, r: _train_row(s, r)),
+    "precision": ("| train step by precision | examples/s | s per MNIST epoch | GFLOP per step | "
+                  "GFLOP/s | matmul GFLOP/s on the step's shapes | fraction of matmul rate | "
+                  "peak RSS (MB) |\n|---|---|---|---|---|---|---|---|",
+                  lambda s, r: _train_row(s, r, "precision")),
     "images": ("| train step, images and networks | examples/s | s per 60,000 images | "
                "peak RSS (MB) |\n|---|---|---|---|",
                lambda s, r: f"| {_describe('train', s)}, {s['likelihood']}, "
@@ -388,7 +402,8 @@ def run(settings, out=print):
         f"{SETTINGS['iw_images']} images per call, median of {SETTINGS['repeats']} calls")
     current = None
     for table, spec in rows:
-        spec = {**(IW if table == "iw" else TRAIN if table in ("train", "versus", "images")
+        spec = {**(IW if table == "iw" else
+                   TRAIN if table in ("train", "precision", "versus", "images")
                    else {}),
                 **spec}
         if table != current:

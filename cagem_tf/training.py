@@ -124,6 +124,10 @@ def plan(config: Config, arrays, streams, model, initial_epoch: int) -> list[str
              f"(hidden {config.hidden_lower}/{config.hidden_upper})",
              f"epochs {initial_epoch + 1}..{config.epochs} of {steps} steps "
              f"(batch {config.batch_size}); run directory {run.path}",
+             f"CPU: {cpu.model_name()}, {cpu.cores()} cores; threads per op "
+             f"{tf.config.threading.get_intra_op_parallelism_threads() or 'TensorFlow default'}"
+             f", ops at once "
+             f"{tf.config.threading.get_inter_op_parallelism_threads() or 'TensorFlow default'}",
              f"TensorBoard: tensorboard --logdir {run.logs()}"]
     if not tf.config.list_physical_devices("GPU") and config.epochs - initial_epoch > 100:
         # The time itself is measured: each epoch's line gives the expected end.

@@ -51,3 +51,15 @@ def test_training_says_so_before_anything_else(cpuinfo, tmp_path):
         training.train(config, log=lines.append)
     assert lines and lines[0].startswith("warning: --precision mixed_bfloat16")
     assert not (tmp_path / "run").exists()
+
+
+def test_two_cores_or_fewer_get_one_thread_per_op_and_one_op_per_core():
+    assert cpu.default_threads(1) == (1, 1) and cpu.default_threads(2) == (1, 2)
+    assert cpu.default_threads(8) == (0, 0)  # TensorFlow's choice: unmeasured there
+
+
+def test_thread_flags_override_the_defaults_one_by_one():
+    assert cpu.threads(None, None, available=2) == (1, 2)
+    assert cpu.threads(0, None, available=2) == (0, 2)
+    assert cpu.threads(4, 3, available=2) == (4, 3)
+    assert cpu.threads(None, 0, available=16) == (0, 0)

@@ -13,7 +13,7 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
 from cagem_tf import model as model_lib
-from cagem_tf import rundir, serving, training
+from cagem_tf import cpu, rundir, serving, training
 from cagem_tf.config import Config, ConfigError
 from conftest import clustered_npz
 
@@ -50,6 +50,7 @@ def test_end_to_end_run(tiny_npz, tmp_path):
     said = result.stdout + result.stderr
     assert f"TensorBoard: tensorboard --logdir {run}/logs" in said
     assert "epoch 1/2 done:" in said and "h left (ends about" in said
+    assert "threads per op 1, ops at once 2" in said
     config = json.load(open(os.path.join(run, "config.json")))
     assert config["labels"] == 6 and config["hidden_lower"] == [16, 16]
     labelled = json.load(open(os.path.join(run, "labelled_indices.json")))
@@ -113,6 +114,10 @@ def test_kill_and_resume_continues_the_epoch_count(tiny_npz, tmp_path):
     result = run_cli(*[a for a in args if not a.startswith("--epochs")], f"--epochs={done + 1}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Resuming {run} after epoch {done}" in result.stdout + result.stderr
+    # No thread flags: the library's choice for this CPU.
+    intra, inter = cpu.default_threads()
+    assert (f"threads per op {intra or 'TensorFlow default'}, ops at once "
+            f"{inter or 'TensorFlow default'}") in result.stdout + result.stderr
     assert tf.train.latest_checkpoint(os.path.join(run, "checkpoints")).endswith(
         f"ckpt-{done + 1}")
 

@@ -16,11 +16,15 @@ from absl import app, flags, logging  # noqa: E402
 
 
 def define_thread_flags() -> None:
-    """--intra_op_threads and --inter_op_threads (0: TensorFlow's choice)."""
-    flags.DEFINE_integer("intra_op_threads", 0, "Threads one op (a matmul) may use; 0: "
-                         "TensorFlow's default. On 2 cores, 1 with --inter_op_threads 2 was "
-                         "fastest (docs/performance.md).")
-    flags.DEFINE_integer("inter_op_threads", 0, "Ops run at once; 0: TensorFlow's default.")
+    """--intra_op_threads and --inter_op_threads (unset: the library's choice for this CPU,
+    `cpu.default_threads`; 0: TensorFlow's choice)."""
+    flags.DEFINE_integer("intra_op_threads", None, "Threads one op (a matmul) may use; 0: "
+                         "TensorFlow's default. Unset: 1 on a CPU with 2 cores or fewer (with "
+                         "--inter_op_threads 2, the fastest there; docs/performance.md), else "
+                         "TensorFlow's default.")
+    flags.DEFINE_integer("inter_op_threads", None, "Ops run at once; 0: TensorFlow's default. "
+                         "Unset: the number of cores on a CPU with 2 cores or fewer, else "
+                         "TensorFlow's default.")
 
 
 def run(main, module: str) -> None:
@@ -54,7 +58,8 @@ def start(argv, hint: str = "") -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     if "intra_op_threads" in flags.FLAGS:
-        intra, inter = flags.FLAGS.intra_op_threads, flags.FLAGS.inter_op_threads
+        from cagem_tf import cpu
+        intra, inter = cpu.threads(flags.FLAGS.intra_op_threads, flags.FLAGS.inter_op_threads)
         if intra < 0 or inter < 0:
             sys.exit("error: --intra_op_threads and --inter_op_threads must be >= 0 "
                      "(0: TensorFlow's default)")

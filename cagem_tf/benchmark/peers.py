@@ -43,7 +43,7 @@ def measure(torch_python: str, size: dict, steps: int, windows: int) -> dict:
     return {"cagem-tf": ours["examples_per_s"], VARIANTS[1]: threads["examples_per_s"],
             "PyTorch eager": eager["examples_per_s"],
             "PyTorch torch.compile": compiled["examples_per_s"], "torch": eager["torch"],
-            "matmul_fraction": ours["fraction"]}
+            "matmul_fraction": ours["fraction"], "matmul_fraction_threads": threads["fraction"]}
 
 
 def run(torch_python: str, rounds: int = 3, steps: int = 15, windows: int = 5, out=print):
@@ -68,5 +68,8 @@ def run(torch_python: str, rounds: int = 3, steps: int = 15, windows: int = 5, o
         for v in VARIANTS:
             out(f"| {key} | {v} | {', '.join(f'{r[v]:.0f}' for r in rows)} | "
                 f"{medians[v]:.0f} | {medians['cagem-tf'] / medians[v]:.2f}x |")
-        fractions = ", ".join(f"{100 * r['matmul_fraction']:.0f}%" for r in rows)
-        out(f"| {key} | cagem-tf: share of the step in matmuls (per round) | {fractions} | | |")
+        for label, field in (("cagem-tf", "matmul_fraction"),
+                             (VARIANTS[1], "matmul_fraction_threads")):
+            fractions = ", ".join(f"{100 * r[field]:.0f}%" for r in rows)
+            out(f"| {key} | {label}: share of the step in matmuls (per round) | {fractions} | "
+                f"| |")

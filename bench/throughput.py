@@ -1,6 +1,7 @@
 """Speed and memory of the data pipeline, the CaGeM train step and the IW bound; prints Markdown.
 
-python bench/throughput.py [--suite full|quick] [--only pipeline,matmul,train,precision,images,versus,iw]
+python bench/throughput.py [--suite full|quick]
+                           [--only pipeline,matmul,train,precision,images,versus,iw]
                            [--dataset mnist|PATH] [--steps 15] [--windows 5] [--iw_images 4]
 
 The measurements are `cagem_tf.benchmark.throughput`; docs/performance.md holds the numbers.
@@ -14,8 +15,8 @@ from cagem_tf.benchmark import throughput
 
 flags.DEFINE_enum("suite", "full", ["full", "quick"], "full: every row of docs/performance.md; "
                   "quick: a one-minute smoke run of each table.")
-flags.DEFINE_list("only", [], "Tables to run (pipeline, matmul, train, precision, images, versus, iw); "
-                  "default all.")
+flags.DEFINE_list("only", [], "Tables to run (pipeline, matmul, train, precision, images, "
+                  "versus, iw); default all.")
 flags.DEFINE_string("dataset", None, "Data for the pipeline measurement (a data.load name or "
                     "path); default: random MNIST-shaped arrays.")
 flags.DEFINE_string("manual_dir", None, "tfds manual_dir for --dataset.")

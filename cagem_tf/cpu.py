@@ -74,14 +74,15 @@ def default_threads(available: int | None = None) -> tuple[int, int]:
 
     On two cores or fewer, one thread per op and one op per core at once: the step's six
     networks give independent ops, and two single-threaded ops beat each op split over both
-    cores (12-15% more examples/s on 2-core AVX-512 and AMX machines, the same within noise
-    on AVX2 only; docs/performance.md). On more cores this is unmeasured: TensorFlow's choice.
+    cores (8-15% more examples/s at paper size on 2-core AVX-512 machines, 12% on AMX, the
+    same within noise on AVX2 only; docs/performance.md). On more cores this is unmeasured: TensorFlow's choice.
     """
     n = cores() if available is None else available
     return (1, n) if n <= 2 else (0, 0)
 
 
-def threads(intra: int | None, inter: int | None, available: int | None = None) -> tuple[int, int]:
+def threads(intra: int | None, inter: int | None,
+            available: int | None = None) -> tuple[int, int]:
     """The (intra_op, inter_op) threads to set: those given, `default_threads` for None."""
     default = default_threads(available)
     return (default[0] if intra is None else intra, default[1] if inter is None else inter)

@@ -1,6 +1,7 @@
-"""The library's unlabelled train step (with TensorFlow's default threads and with intra-op 1 /
-inter-op 2) against the same network in PyTorch (eager and torch.compile, `torch_peer`), alternating processes round by round so that a machine's drift
-falls on every variant alike (the program is bench/versus_torch.py).
+"""The library's unlabelled train step (with TensorFlow's default threads and with the threads
+the programs pick for this CPU, `cpu.default_threads`) against the same network in PyTorch
+(eager and torch.compile, `torch_peer`), alternating processes round by round so that a
+machine's drift falls on every variant alike (the program is bench/versus_torch.py).
 
 PyTorch runs from another Python (`torch_python`, the benchmark's own environment): it is never
 a dependency of the package.
@@ -15,9 +16,11 @@ from cagem_tf import cpu
 from cagem_tf.benchmark import throughput
 
 SIZES = (throughput.PAPER, throughput.SMALL)
-THREADS = {"intra": 1, "inter": 2}
-VARIANTS = ("cagem-tf", "cagem-tf, intra 1 / inter 2 threads", "PyTorch eager",
-            "PyTorch torch.compile")
+# The programs' threads when no flag is given (on more than 2 cores TensorFlow's own, 0 / 0).
+THREADS = dict(zip(("intra", "inter"), cpu.default_threads()))
+VARIANTS = ("cagem-tf",
+            "cagem-tf, the programs' threads (intra {intra} / inter {inter})".format(**THREADS),
+            "PyTorch eager", "PyTorch torch.compile")
 
 
 def _torch_child(torch_python: str, spec: dict) -> dict:
@@ -59,8 +62,8 @@ def run(torch_python: str, rounds: int = 3, steps: int = 15, windows: int = 5, o
     out(f"machine: {cpu.model_name()} ({', '.join(cpu.reported_flags()) or 'flags unknown'}), "
         f"{os.cpu_count()} cores; TensorFlow {version('tensorflow')}, PyTorch {first['torch']}; "
         f"unlabelled step, K = {throughput.TRAIN['clusters']}, batch {throughput.TRAIN['batch']}, "
-        f"float32, default threads unless named; median of {windows} windows of {steps} steps per process; "
-        f"{rounds} rounds, the variants alternating")
+        f"float32, TensorFlow's default threads unless named; median of {windows} windows of "
+        f"{steps} steps per process; {rounds} rounds, the variants alternating")
     out("\n| size | variant | examples/s per round | median | cagem-tf / variant |\n"
         "|---|---|---|---|---|")
     for key, rows in results.items():

@@ -4,8 +4,9 @@ tables (the program is bench/throughput.py).
 Tables: the data pipeline alone; the dense matmul rate of this CPU through TensorFlow; the train
 step (examples/s, the analytic FLOPs of `flops`, the fraction of the matmul rate measured on
 the step's own matmul shapes, peak memory) against K, hidden sizes, batch size, thread settings,
-XLA, and the straightforward reference of `reference`; float32 beside mixed_bfloat16 by width; the step for 8-bit and colour images and
-convolutional networks (speed and memory); the library's step against that
+XLA, and the straightforward reference of `reference`; float32 beside mixed_bfloat16 by width;
+the step for 8-bit and colour images and convolutional networks (speed and memory); the
+library's step against that
 reference in alternating windows of one process; the IW bound (test images/s and the projected
 time for the 10,000 MNIST test images) against estimator, S, chunk size, images per call, K and
 XLA.

@@ -13,7 +13,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cagem_tf import callbacks, clustering, cpu, data, files, objective, rundir, serving
+from cagem_tf import (callbacks, clustering, cpu, data, files, objective, optimizer, rundir,
+                      serving)
 from cagem_tf.config import MAY_CHANGE, Config, ConfigError
 from cagem_tf.files import UserError
 from cagem_tf.model import CaGeM
@@ -54,7 +55,7 @@ def build_model(config: Config, image_shape, num_clusters: int, alpha: float,
     model = CaGeM(config.spec(), image_shape, num_clusters, seed=config.seed,
                   synchronized_bn=synchronized_bn)
     clip = {"global_clipnorm": config.clip_norm} if config.clip_norm > 0 else {}
-    model.compile(keras.optimizers.Adam(config.learning_rate, **clip), alpha=alpha,
+    model.compile(optimizer.Adam(config.learning_rate, **clip), alpha=alpha,
                   cluster_usage=config.cluster_usage > 0,
                   pseudo_labels=config.pseudo_labels > 0, z2_code=config.z2_code > 0)
     return model

@@ -35,7 +35,7 @@ PAPER = {"lower": 1024, "upper": 512}
 SMALL = {"lower": 500, "upper": 256}
 TRAIN = {"clusters": 10, "batch": 100, "labels": 100, "intra": 0, "inter": 0, "xla": False,
          "tiled": False, "precision": "float32", "likelihood": "bernoulli",
-         "architecture": "mlp", "channels": 1}
+         "architecture": "mlp", "channels": 1, "optimizer": "fused"}
 IW = {"clusters": 10, "estimator": "exact", "samples": 5000, "chunk": None, "images": None,
       "xla": False, "intra": 0, "inter": 0}
 TEST_IMAGES = 10000
@@ -46,7 +46,7 @@ def suite():
     if SETTINGS["suite"] == "quick":
         tiny = {"lower": 64, "upper": 32}
         return [("pipeline", {}), ("matmul", {}), ("train", {**tiny}),
-                ("train", {**tiny, "tiled": True}),
+                ("train", {**tiny, "tiled": True}), ("train", {**tiny, "optimizer": "keras"}),
                 ("precision", {**tiny}), ("precision", {**tiny, "precision": "mixed_bfloat16"}),
                 ("images", {**tiny, "likelihood": "discretized_logistic",
                             "architecture": "conv", "channels": 3}),
@@ -61,6 +61,7 @@ def suite():
     rows += [("train", {**PAPER, "batch": b}) for b in (50, 200, 500)]
     rows += [("train", {**PAPER, "intra": i, "inter": j}) for i, j in ((1, 1), (2, 1), (1, 2))]
     rows += [("train", {**PAPER, "xla": True})]
+    rows += [("train", {**size, "optimizer": "keras"}) for size in (PAPER, SMALL)]
     # float32 beside mixed_bfloat16 at widths on and off the multiples of 16 bfloat16 kernels want.
     rows += [("precision", {**size, "precision": p})
              for size in (PAPER, SMALL, {"lower": 512, "upper": 256}, {"lower": 300, "upper": 100})
@@ -202,7 +203,7 @@ def _trainer(spec, tiled):
     import numpy as np
     import tensorflow as tf
     from cagem_tf.benchmark.reference import TiledCaGeM
-    from cagem_tf import CaGeM
+    from cagem_tf import CaGeM, optimizer
     cls = TiledCaGeM if tiled else CaGeM
     shape = (28, 28, spec["channels"])
     model = cls(num_clusters=spec["clusters"], hidden_lower=spec["lower"],
@@ -219,7 +220,8 @@ def _trainer(spec, tiled):
     if L:
         batch["x_labelled"] = images(L)
         batch["y_labelled"] = (np.arange(L) % K).astype(np.int32)
-    model.compile(keras.optimizers.Adam(1e-3), alpha=1.0 if L else 0.0,
+    adam = optimizer.Adam if spec["optimizer"] == "fused" else keras.optimizers.Adam
+    model.compile(adam(1e-3), alpha=1.0 if L else 0.0,
                   jit_compile=spec["xla"])
     data = tf.data.Dataset.from_tensors(batch).repeat()
     model.fit(data, steps_per_epoch=3, epochs=1, verbose=0)  # tracing
@@ -337,6 +339,8 @@ def _describe(table, spec):
                      f"{spec['inter'] or 'default'}")
     if spec.get("xla"):
         parts.append("XLA")
+    if spec.get("optimizer", "fused") != "fused":
+        parts.append("**Keras' Adam** (eight elementwise ops, not the fused kernel)")
     if spec.get("tiled"):
         parts.append("**reference (tiled)**")
     if spec.get("precision", "float32") != "float32":

@@ -6,10 +6,12 @@ median of the rounds' medians.
 """
 
 import statistics
+import sys
 
 from absl import app, flags
 
 from cagem_tf import cpu
+from cagem_tf.files import UserError
 from cagem_tf.benchmark import serving
 
 flags.DEFINE_list("saved_model", None, "SavedModel version directories to compare.")
@@ -23,6 +25,10 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     sizes = [int(n) for n in FLAGS.sizes]
+    try:
+        serving.check(FLAGS.saved_model)
+    except UserError as e:
+        sys.exit(f"error: {e}")
     rounds = {}
     for _ in range(FLAGS.rounds):
         for path in FLAGS.saved_model:

@@ -122,7 +122,8 @@ def test_quick_suite_prints_every_table():
                    "| per-input projections vs tiled reference", "| IW bound |"):
         assert header in out, out
     rows = [line for line in out.splitlines() if line.startswith("| 64/32, K=10")]
-    assert len(rows) == 8 and sum("reference (tiled)" in r for r in rows) == 1, out
+    assert len(rows) == 9 and sum("reference (tiled)" in r for r in rows) == 1, out
+    assert sum("Keras' Adam" in r for r in rows) == 1, out
     assert sum("discretized_logistic, conv, 28x28x3" in r for r in rows) == 1, out
     assert sum("mixed_bfloat16" in r for r in rows) == 1, out
 
@@ -138,6 +139,19 @@ def test_the_pytorch_comparison_needs_a_python_and_says_so_in_one_line(tmp_path)
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode != 0 and last.startswith("error: --torch_python") and \
         "pip install torch" in last
+
+
+def test_the_serving_bench_refuses_a_directory_without_a_saved_model_in_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "bench/serving.py",
+                             f"--saved_model={tmp_path},~/runs/x/export/1"], cwd=root,
+                            capture_output=True, text=True, timeout=120)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode != 0 and last.startswith(f"error: --saved_model {tmp_path}: no "
+                                                      "saved_model.pb there")
 
 
 def test_the_pytorch_peer_module_is_importable_without_pytorch():

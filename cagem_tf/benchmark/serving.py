@@ -5,8 +5,11 @@ between rounds so that a machine's drift falls on every export alike.
 """
 
 import json
+import os
 import subprocess
 import sys
+
+from cagem_tf.files import UserError
 
 _CHILD = r"""
 import json, sys, time
@@ -31,6 +34,15 @@ for n in sizes:
     out[n] = {"rows_per_second": n / median, "latency_ms": 1000 * median}
 print("RESULT" + json.dumps(out))
 """
+
+
+def check(paths) -> None:
+    """Raises a one-line UserError unless every path is a SavedModel directory (before any
+    measurement starts, so that a typo does not surface after an hour of benchmarking)."""
+    for path in paths:
+        if not os.path.isfile(os.path.join(path, "saved_model.pb")):
+            raise UserError(f"--saved_model {path}: no saved_model.pb there; give export "
+                            "version directories (RUN/export/<n>), without '~' after a comma")
 
 
 def measure(path: str, signature: str, sizes, calls: int = 7) -> dict:

@@ -1,7 +1,7 @@
 """Speed and memory of the data pipeline, the CaGeM train step and the IW bound; prints Markdown.
 
 python bench/throughput.py [--suite full|quick]
-                           [--only pipeline,matmul,train,precision,images,versus,iw]
+                           [--only pipeline,matmul,train,optimizer,precision,images,versus,iw]
                            [--dataset mnist|PATH] [--steps 15] [--windows 5] [--iw_images 4]
 
 The measurements are `cagem_tf.benchmark.throughput`; docs/performance.md holds the numbers.
@@ -15,8 +15,7 @@ from cagem_tf.benchmark import throughput
 
 flags.DEFINE_enum("suite", "full", ["full", "quick"], "full: every row of docs/performance.md; "
                   "quick: a one-minute smoke run of each table.")
-flags.DEFINE_list("only", [], "Tables to run (pipeline, matmul, train, precision, images, "
-                  "versus, iw); default all.")
+flags.DEFINE_list("only", [], f"Tables to run ({', '.join(throughput.HEADERS)}); default all.")
 flags.DEFINE_string("dataset", None, "Data for the pipeline measurement (a data.load name or "
                     "path); default: random MNIST-shaped arrays.")
 flags.DEFINE_string("manual_dir", None, "tfds manual_dir for --dataset.")
@@ -31,6 +30,10 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {' '.join(argv[1:])}")
+    unknown = [t for t in FLAGS.only if t not in throughput.HEADERS]
+    if unknown:
+        sys.exit(f"error: --only {','.join(unknown)}: no such table; the tables are "
+                 f"{', '.join(throughput.HEADERS)}")
     settings = {k: FLAGS[k].value for k in throughput.SETTINGS}
     try:
         throughput.run(settings, out=lambda line: print(line, flush=True))

@@ -122,8 +122,9 @@ def test_quick_suite_prints_every_table():
                    "| per-input projections vs tiled reference", "| IW bound |"):
         assert header in out, out
     rows = [line for line in out.splitlines() if line.startswith("| 64/32, K=10")]
-    assert len(rows) == 9 and sum("reference (tiled)" in r for r in rows) == 1, out
-    assert sum("Keras' Adam" in r for r in rows) == 1, out
+    assert len(rows) == 10 and sum("reference (tiled)" in r for r in rows) == 1, out
+    assert "| train step by optimizer |" in out and sum("Keras' Adam" in r for r in rows) == 1
+    assert sum("fused Adam" in r for r in rows) == 1, out
     assert sum("discretized_logistic, conv, 28x28x3" in r for r in rows) == 1, out
     assert sum("mixed_bfloat16" in r for r in rows) == 1, out
 
@@ -139,6 +140,18 @@ def test_the_pytorch_comparison_needs_a_python_and_says_so_in_one_line(tmp_path)
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode != 0 and last.startswith("error: --torch_python") and \
         "pip install torch" in last
+
+
+def test_the_throughput_bench_names_its_tables_when_asked_for_another():
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "bench/throughput.py", "--only=train,speed"],
+                            cwd=root, capture_output=True, text=True, timeout=120)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode != 0 and last.startswith("error: --only speed: no such table") \
+        and "optimizer" in last
 
 
 def test_the_serving_bench_refuses_a_directory_without_a_saved_model_in_one_line(tmp_path):

@@ -4,7 +4,8 @@ tables (the program is bench/throughput.py).
 Tables: the data pipeline alone; the dense matmul rate of this CPU through TensorFlow; the train
 step (examples/s, the analytic FLOPs of `flops`, the fraction of the matmul rate measured on
 the step's own matmul shapes, peak memory) against K, hidden sizes, batch size, thread settings,
-XLA, and the straightforward reference of `reference`; float32 beside mixed_bfloat16 by width;
+XLA, and the straightforward reference of `reference`; Keras' Adam beside the fused one
+(`cagem_tf.optimizer`); float32 beside mixed_bfloat16 by width;
 the step for 8-bit and colour images and convolutional networks (speed and memory); the
 library's step against that
 reference in alternating windows of one process; the IW bound (test images/s and the projected
@@ -46,7 +47,8 @@ def suite():
     if SETTINGS["suite"] == "quick":
         tiny = {"lower": 64, "upper": 32}
         return [("pipeline", {}), ("matmul", {}), ("train", {**tiny}),
-                ("train", {**tiny, "tiled": True}), ("train", {**tiny, "optimizer": "keras"}),
+                ("train", {**tiny, "tiled": True}),
+                ("optimizer", {**tiny, "optimizer": "keras"}), ("optimizer", {**tiny}),
                 ("precision", {**tiny}), ("precision", {**tiny, "precision": "mixed_bfloat16"}),
                 ("images", {**tiny, "likelihood": "discretized_logistic",
                             "architecture": "conv", "channels": 3}),
@@ -61,7 +63,9 @@ def suite():
     rows += [("train", {**PAPER, "batch": b}) for b in (50, 200, 500)]
     rows += [("train", {**PAPER, "intra": i, "inter": j}) for i, j in ((1, 1), (2, 1), (1, 2))]
     rows += [("train", {**PAPER, "xla": True})]
-    rows += [("train", {**size, "optimizer": "keras"}) for size in (PAPER, SMALL)]
+    # Keras' Adam beside the fused one, at both sizes.
+    rows += [("optimizer", {**size, "optimizer": o}) for size in (PAPER, SMALL)
+             for o in ("keras", "fused")]
     # float32 beside mixed_bfloat16 at widths on and off the multiples of 16 bfloat16 kernels want.
     rows += [("precision", {**size, "precision": p})
              for size in (PAPER, SMALL, {"lower": 512, "upper": 256}, {"lower": 300, "upper": 100})
@@ -310,7 +314,7 @@ def child(payload):
     table, spec, settings = json.loads(payload)
     SETTINGS.update(settings)
     measure = {"pipeline": measure_pipeline, "matmul": measure_matmul, "train": measure_train,
-               "precision": measure_train,
+               "precision": measure_train, "optimizer": measure_train,
                "images": measure_images, "versus": measure_versus, "iw": measure_iw}[table]
     print("RESULT" + json.dumps(measure(spec)))
 
@@ -340,7 +344,9 @@ def _describe(table, spec):
     if spec.get("xla"):
         parts.append("XLA")
     if spec.get("optimizer", "fused") != "fused":
-        parts.append("**Keras' Adam** (eight elementwise ops, not the fused kernel)")
+        parts.append("**Keras' Adam** (eight elementwise ops per variable)")
+    elif table == "optimizer":
+        parts.append("fused Adam (`cagem_tf.optimizer`)")
     if spec.get("tiled"):
         parts.append("**reference (tiled)**")
     if spec.get("precision", "float32") != "float32":
@@ -370,6 +376,10 @@ HEADERS = {
               "matmul GFLOP/s on the step's shapes | fraction of matmul rate | peak RSS (MB) |\n"
               "|---|---|---|---|---|---|---|---|",
               lambda s, r: _train_row(s, r)),
+    "optimizer": ("| train step by optimizer | examples/s | s per MNIST epoch | GFLOP per step | "
+                  "GFLOP/s | matmul GFLOP/s on the step's shapes | fraction of matmul rate | "
+                  "peak RSS (MB) |\n|---|---|---|---|---|---|---|---|",
+                  lambda s, r: _train_row(s, r, "optimizer")),
     "precision": ("| train step by precision | examples/s | s per MNIST epoch | GFLOP per step | "
                   "GFLOP/s | matmul GFLOP/s on the step's shapes | fraction of matmul rate | "
                   "peak RSS (MB) |\n|---|---|---|---|---|---|---|---|",
@@ -408,7 +418,7 @@ def run(settings, out=print):
     current = None
     for table, spec in rows:
         spec = {**(IW if table == "iw" else
-                   TRAIN if table in ("train", "precision", "versus", "images")
+                   TRAIN if table in ("train", "precision", "optimizer", "versus", "images")
                    else {}),
                 **spec}
         if table != current:

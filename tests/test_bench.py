@@ -130,41 +130,32 @@ def test_quick_suite_prints_every_table():
 
 
 def test_the_pytorch_comparison_needs_a_python_and_says_so_in_one_line(tmp_path):
-    import os
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "bench/versus_torch.py",
-                             f"--torch_python={tmp_path / 'no-python'}"], cwd=root,
-                            capture_output=True, text=True, timeout=120)
-    last = result.stderr.strip().splitlines()[-1]
-    assert result.returncode != 0 and last.startswith("error: --torch_python") and \
+    code, last = _bench_error("bench/versus_torch.py", f"--torch_python={tmp_path / 'no-python'}")
+    assert code != 0 and last.startswith("error: --torch_python") and \
         "pip install torch" in last
 
 
-def test_the_throughput_bench_names_its_tables_when_asked_for_another():
+def _bench_error(program, *args):
+    """(exit code, last line of stderr) of a bench program run from the repository."""
     import os
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "bench/throughput.py", "--only=train,speed"],
-                            cwd=root, capture_output=True, text=True, timeout=120)
-    last = result.stderr.strip().splitlines()[-1]
-    assert result.returncode != 0 and last.startswith("error: --only speed: no such table") \
+    result = subprocess.run([sys.executable, program, *args], cwd=root, capture_output=True,
+                            text=True, timeout=120)
+    return result.returncode, result.stderr.strip().splitlines()[-1]
+
+
+def test_the_throughput_bench_names_its_tables_when_asked_for_another():
+    code, last = _bench_error("bench/throughput.py", "--only=train,speed")
+    assert code != 0 and last.startswith("error: --only speed: no such table") \
         and "optimizer" in last
 
 
 def test_the_serving_bench_refuses_a_directory_without_a_saved_model_in_one_line(tmp_path):
-    import os
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "bench/serving.py",
-                             f"--saved_model={tmp_path},~/runs/x/export/1"], cwd=root,
-                            capture_output=True, text=True, timeout=120)
-    last = result.stderr.strip().splitlines()[-1]
-    assert result.returncode != 0 and last.startswith(f"error: --saved_model {tmp_path}: no "
-                                                      "saved_model.pb there")
+    code, last = _bench_error("bench/serving.py", f"--saved_model={tmp_path},~/runs/x/export/1")
+    assert code != 0 and last.startswith(f"error: --saved_model {tmp_path}: no "
+                                         "saved_model.pb there")
 
 
 def test_the_pytorch_peer_module_is_importable_without_pytorch():

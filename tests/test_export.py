@@ -129,6 +129,7 @@ def loaded(exported):
     return tf.saved_model.load(exported[1])
 
 
+@pytest.mark.e2e  # needs the module's export (45 s on a 2-core AVX2 machine)
 @pytest.mark.parametrize("signature,kwargs,message", [
     ("classify", dict(x=tf.fill([1, 6, 6, 1], 1.5)), r"values in \[0, 1\]"),
     ("encode", dict(x=tf.fill([1, 6, 6, 1], -0.1)), r"values in \[0, 1\]"),

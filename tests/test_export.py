@@ -57,11 +57,13 @@ for name, kwargs in [
 out["specs"] = {name: {k: v.shape.as_list() for k, v in
                        m.signatures[name].structured_input_signature[1].items()}
                 for name in m.signatures}
+# Across batch sizes oneDNN may pick another kernel: the same seed agrees to float32 rounding.
 again = m.signatures["sample"](seed=tf.constant([9, 7]))["probs"].numpy()
-out["same_seed_same_sample"] = bool(np.array_equal(again[1], out["sample"]["probs"][0])
-                                    and np.array_equal(again[0], out["sample"]["probs"][3]))
-fresh = [m.signatures["sample"](seed=tf.constant([-1, -1]))["probs"] for _ in range(2)]
-out["negative_seed_fresh"] = not np.array_equal(fresh[0], fresh[1])
+first = np.array(out["sample"]["probs"])
+out["same_seed_same_sample"] = bool(np.allclose(again[1], first[0], rtol=1e-5, atol=1e-6)
+                                    and np.allclose(again[0], first[3], rtol=1e-5, atol=1e-6))
+fresh = [m.signatures["sample"](seed=tf.constant([-1, -1]))["probs"].numpy() for _ in range(2)]
+out["negative_seed_fresh"] = bool(np.abs(fresh[0] - fresh[1]).max() > 1e-3)
 out["modules"] = sorted(k for k in sys.modules if k.split(".")[0] in
                         ("cagem_tf", "tensorflow_probability", "export"))
 print("RESULT" + json.dumps(out))
@@ -106,7 +108,8 @@ def test_loads_with_tensorflow_alone_and_matches_the_model(model, exported, tmp_
     assert set(np.unique(out["sample"]["images"])) <= {0.0, 1.0}
     assert all(0 <= y < K for y in out["sample"]["y"])
     assert np.array(out["sample_class"]["probs"]).shape == (3, *SHAPE)
-    assert out["same_seed_same_sample"] and out["negative_seed_fresh"]
+    assert out["same_seed_same_sample"], "one seed, two batch sizes: different samples"
+    assert out["negative_seed_fresh"], "a negative seed drew the same sample twice"
 
 
 @pytest.mark.e2e

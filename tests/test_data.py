@@ -106,6 +106,7 @@ def test_tfds_offline_says_what_to_do(monkeypatch, tmp_path):
         data.load("kmnist", data_dir=str(tmp_path), log=lambda message: None)
 
 
+@pytest.mark.e2e  # tfds prepares all 70,000 images: 30 s on a 2-core AVX2 machine
 @pytest.mark.skipif(not os.path.isdir(SHARED_MNIST), reason="../shared/data/mnist is absent")
 def test_real_mnist_prepared_offline_from_manual_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "_reachable", lambda host: False)  # no network may be used

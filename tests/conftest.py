@@ -12,6 +12,11 @@ from cagem_tf import CaGeM  # noqa: E402
 from cagem_tf.model import NETWORKS  # noqa: E402
 
 
+# A row's answer alone and in a batch: equal up to float32 rounding, since oneDNN picks its
+# matmul kernel by batch size (on the AMX Xeon the last bit differed).
+BATCH_ROUNDING = dict(rtol=1e-5, atol=1e-6)
+
+
 def tiny_cagem(**overrides):
     """A CaGeM over 5 binary pixels with 1-d z1 and z2, K=2 and 8-unit hidden layers.
 

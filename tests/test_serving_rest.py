@@ -17,7 +17,7 @@ import pytest
 import tensorflow as tf
 
 from cagem_tf import serving
-from conftest import tiny_cagem
+from conftest import BATCH_ROUNDING, tiny_cagem
 
 # Real processes and servers: run with -m e2e (see pytest.ini).
 pytestmark = pytest.mark.e2e
@@ -147,14 +147,13 @@ def test_a_row_gets_the_same_answer_alone_or_batched_with_others(export_path, tm
         {"signature": "sample", "body": {"inputs": {"seed": [11]}}},
         {"signature": "sample", "body": {"inputs": {"seed": [3, 11, 4]}}},
     ], tmp_path)
-    # Equal up to float32 rounding: oneDNN picks its matmul kernel by batch size (on AMX it
-    # differed in the last bit); the discrete answers are exactly the same.
+    # Floats equal up to BATCH_ROUNDING; the discrete answers exactly the same.
     one, same = alone["predictions"][0], batched["predictions"][0]
     assert one["label"] == same["label"]
     for key in ("p_y", "q_y"):
-        np.testing.assert_allclose(one[key], same[key], rtol=1e-5, atol=1e-6, err_msg=key)
+        np.testing.assert_allclose(one[key], same[key], err_msg=key, **BATCH_ROUNDING)
     np.testing.assert_allclose(sample_alone["outputs"]["probs"][0],
-                               sample_batched["outputs"]["probs"][1], rtol=1e-5, atol=1e-6)
+                               sample_batched["outputs"]["probs"][1], **BATCH_ROUNDING)
     assert sample_alone["outputs"]["images"][0] == sample_batched["outputs"]["images"][1]
     assert sample_alone["outputs"]["y"][0] == sample_batched["outputs"]["y"][1]
 

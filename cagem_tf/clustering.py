@@ -1,5 +1,5 @@
-"""How a model uses its clusters, and k-means (plain or seeded by labels) for the pseudo-label
-departure.
+"""How a model uses its clusters, and k-means (plain, seeded by labels, or matched to them)
+for the pseudo-label departure.
 
 For N images with cluster probabilities q_n = q(y|x_n) [N,K] (and labels l_n where known):
   occupancy_k   = #{n : argmax q_n = k}
@@ -134,3 +134,57 @@ def seeded_kmeans(x, labelled, labels, num_classes: int, iterations: int = 30) -
                          f"{missing}")
     centres = np.stack([x[labelled[labels == c]].mean(0) for c in range(num_classes)])
     return _lloyd(x, centres, iterations, fixed=(labelled, labels))
+
+
+def matched_kmeans(x, labelled, labels, num_classes: int, seed: int = 0,
+                   iterations: int = 30) -> np.ndarray:
+    """Class-aligned clusters [N] from plain k-means named by a few labelled rows: the
+    k-means++ clusters of `kmeans` (not moved by the labels), then the one-to-one naming
+    cluster -> class that the most labelled rows agree with,
+      pi* = argmax_pi sum_m [pi(k_m) = l_m]   over permutations pi of the K names,
+    (an assignment problem, `_max_assignment`), and every labelled row kept in its own class.
+    Unlike `seeded_kmeans` the centres never start from the labelled rows' means, which are
+    poor with two images per class."""
+    labelled, labels = np.asarray(labelled, np.int64), np.asarray(labels, np.int64)
+    clusters = kmeans(x, num_classes, seed, iterations)
+    naming = _max_assignment(contingency(clusters[labelled], labels, num_classes, num_classes))
+    named = naming[clusters]
+    named[labelled] = labels
+    return named
+
+
+def _max_assignment(counts) -> np.ndarray:
+    """The permutation p [K] maximising sum_k counts[k, p[k]] of a square matrix, by the
+    Hungarian algorithm (shortest augmenting paths with potentials, O(K^3))."""
+    cost = -np.asarray(counts, np.float64)
+    k = len(cost)
+    u, v = np.zeros(k + 1), np.zeros(k + 1)
+    owner = np.zeros(k + 1, np.int64)          # owner[j]: the row (1-based) holding column j
+    for row in range(1, k + 1):
+        owner[0], column = row, 0
+        slack, previous = np.full(k + 1, np.inf), np.zeros(k + 1, np.int64)
+        used = np.zeros(k + 1, bool)
+        while owner[column]:
+            used[column] = True
+            i, delta, nearest = owner[column], np.inf, 0
+            for j in range(1, k + 1):
+                if not used[j]:
+                    reduced = cost[i - 1, j - 1] - u[i] - v[j]
+                    if reduced < slack[j]:
+                        slack[j], previous[j] = reduced, column
+                    if slack[j] < delta:
+                        delta, nearest = slack[j], j
+            for j in range(k + 1):
+                if used[j]:
+                    u[owner[j]] += delta
+                    v[j] -= delta
+                else:
+                    slack[j] -= delta
+            column = nearest
+        while column:
+            owner[column] = owner[previous[column]]
+            column = previous[column]
+    permutation = np.zeros(k, np.int64)
+    for j in range(1, k + 1):
+        permutation[owner[j] - 1] = j - 1
+    return permutation

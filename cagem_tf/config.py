@@ -14,6 +14,7 @@ import typing
 
 from cagem_tf.files import UserError
 
+PSEUDO_KMEANS = ("seeded", "matched")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("float32", "mixed_bfloat16")
 LIKELIHOODS = ("bernoulli", "discretized_logistic")
@@ -220,9 +221,14 @@ class Config(ModelSpec):
     pseudo_labels: float = _field(0.0, "DEPARTURE from the paper: weight of a cross-entropy of "
                                   "q(y|z1,x) on k-means labels of the unlabelled images "
                                   "(restricted to the classifier networks), annealed to 0 over "
-                                  "--departure_epochs. With --labels, the k-means is seeded "
-                                  "by the labelled images (constrained k-means: cluster c is "
-                                  "class c).")
+                                  "--departure_epochs. With --labels, the k-means is named "
+                                  "after the classes as --pseudo_kmeans says.")
+    pseudo_kmeans: str = _field("seeded", "With --labels and --pseudo_labels: seeded (centres "
+                                "start at the labelled images' class means, which then keep "
+                                "their class: constrained k-means) or matched (plain k-means, "
+                                "each cluster named after the class most labelled images in "
+                                "it have, one-to-one, and the labelled images keep their "
+                                "class).", choices=PSEUDO_KMEANS)
     z2_code: float = _field(0.0, "DEPARTURE from the paper: weight of E_q(y|z1,x)[-log "
                             "p(y|z2^y)], the cross-entropy of p(y|z2) on the cluster each z2 "
                             "was drawn for, added through q(z2|x,y,z1) and p(y|z2) only, so "

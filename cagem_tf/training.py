@@ -209,9 +209,14 @@ def _train(config: Config, arrays, labelled, clusters: int, strategy, log,
         _keep_labelled_subset(labelled, run, rundir.prepare(config, log=log))
     pseudo = None
     if config.pseudo_labels > 0 and len(labelled):
-        log(f"k-means seeded by the {len(labelled)} labelled images for --pseudo_labels")
-        pseudo = clustering.seeded_kmeans(arrays.x_train / np.float32(255), labelled,
-                                          arrays.y_train[labelled], clusters)
+        log(f"k-means {config.pseudo_kmeans} by the {len(labelled)} labelled images for "
+            "--pseudo_labels")
+        if config.pseudo_kmeans == "matched":
+            pseudo = clustering.matched_kmeans(arrays.x_train / np.float32(255), labelled,
+                                               arrays.y_train[labelled], clusters, config.seed)
+        else:
+            pseudo = clustering.seeded_kmeans(arrays.x_train / np.float32(255), labelled,
+                                              arrays.y_train[labelled], clusters)
     elif config.pseudo_labels > 0:
         log(f"k-means ({clusters} centres) of the training images for --pseudo_labels")
         pseudo = clustering.kmeans(arrays.x_train / np.float32(255), clusters, config.seed)

@@ -1,5 +1,7 @@
 """Cluster measures, k-means, and the opt-in cluster levers and departures."""
 
+import itertools
+
 import keras
 import numpy as np
 import pytest
@@ -163,6 +165,37 @@ def test_seeded_kmeans_gives_every_labelled_image_its_class_and_aligns_clusters_
     np.testing.assert_array_equal(clusters, clustering.seeded_kmeans(x, labelled, labels, 3))
     with pytest.raises(ValueError, match="every class"):
         clustering.seeded_kmeans(x, labelled[:2], truth[:2], 3)
+
+
+def test_matched_kmeans_names_plain_kmeans_clusters_after_the_classes_most_labels_agree_with():
+    rng = np.random.default_rng(2)
+    centres = rng.normal(0, 10, (4, 5))
+    truth = np.arange(400) % 4
+    x = centres[truth] + rng.normal(0, 0.5, (400, 5))
+    labelled = np.arange(12)
+    labels = truth[labelled].copy()
+    labels[0] = 2  # outvoted: its cluster is still named after class 0, it alone keeps class 2
+    clusters = clustering.matched_kmeans(x, labelled, labels, 4, seed=5)
+    np.testing.assert_array_equal(clusters[labelled], labels)
+    rest = np.setdiff1d(np.arange(400), labelled)
+    assert np.mean(clusters[rest] == truth[rest]) == 1.0
+    # The partition is plain k-means' (the labels only name its clusters), the same per seed.
+    np.testing.assert_array_equal(clusters[rest],
+                                  clustering.matched_kmeans(x, labelled, labels, 4, seed=5)[rest])
+    plain = clustering.kmeans(x, 4, seed=5)
+    assert clustering.nmi(plain[rest], clusters[rest]) == pytest.approx(1.0)
+
+
+def test_the_naming_of_clusters_is_the_assignment_with_the_most_agreeing_labels():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        k = int(rng.integers(1, 7))
+        counts = rng.integers(0, 4, (k, k))
+        naming = clustering._max_assignment(counts)
+        assert sorted(naming) == list(range(k))
+        best = max(sum(counts[i, p[i]] for i in range(k))
+                   for p in itertools.permutations(range(k)))
+        assert sum(counts[i, naming[i]] for i in range(k)) == best
 
 
 def _changed(before, model):

@@ -37,7 +37,8 @@ def test_config_round_trips_through_json():
 def test_an_earlier_config_json_still_reads_and_an_unknown_key_is_refused(tmp_path):
     earlier = {k: v for k, v in Config(labels=20).to_dict().items()
                if k not in ("clip_norm", "y_init_stddev", "shared_noise", "cluster_usage",
-                            "pseudo_labels", "departure_epochs", "keep_exports")}
+                            "pseudo_labels", "departure_epochs", "keep_exports",
+                            "pseudo_kmeans")}
     earlier["test_binarization"] = "fixed"
     path = tmp_path / "config.json"
     path.write_text(json.dumps(earlier))

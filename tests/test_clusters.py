@@ -149,11 +149,15 @@ def test_once_annealed_out_the_departures_leave_the_step_which_is_then_the_paper
         np.testing.assert_allclose(va.numpy(), vb.numpy(), atol=1e-6)
 
 
-def test_seeded_kmeans_gives_every_labelled_image_its_class_and_aligns_clusters_with_classes():
+def _blobs(k: int):
+    """100 k points in 5-d around k well separated centres; class n % k for point n."""
     rng = np.random.default_rng(2)
-    centres = rng.normal(0, 10, (3, 5))
-    truth = np.arange(300) % 3
-    x = centres[truth] + rng.normal(0, 0.5, (300, 5))
+    truth = np.arange(100 * k) % k
+    return rng.normal(0, 10, (k, 5))[truth] + rng.normal(0, 0.5, (100 * k, 5)), truth
+
+
+def test_seeded_kmeans_gives_every_labelled_image_its_class_and_aligns_clusters_with_classes():
+    x, truth = _blobs(3)
     labelled = np.arange(9)
     # A labelled point with a wrong class keeps it, as constrained k-means says.
     labels = truth[labelled].copy()
@@ -168,10 +172,7 @@ def test_seeded_kmeans_gives_every_labelled_image_its_class_and_aligns_clusters_
 
 
 def test_matched_kmeans_names_plain_kmeans_clusters_after_the_classes_most_labels_agree_with():
-    rng = np.random.default_rng(2)
-    centres = rng.normal(0, 10, (4, 5))
-    truth = np.arange(400) % 4
-    x = centres[truth] + rng.normal(0, 0.5, (400, 5))
+    x, truth = _blobs(4)
     labelled = np.arange(12)
     labels = truth[labelled].copy()
     labels[0] = 2  # outvoted: its cluster is still named after class 0, it alone keeps class 2

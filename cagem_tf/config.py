@@ -268,6 +268,9 @@ class Config(ModelSpec):
                 self.departure_epochs < 1:
             raise ConfigError("--cluster_usage, --pseudo_labels and --z2_code are annealed to "
                               "0: give --departure_epochs of 1 or more")
+        if self.pseudo_kmeans != "seeded" and not (self.labels and self.pseudo_labels):
+            raise ConfigError(f"--pseudo_kmeans {self.pseudo_kmeans} names k-means clusters "
+                              "after labelled classes: give --labels and --pseudo_labels too")
 
     @classmethod
     def from_dict(cls, values: dict, what: str = "the settings") -> "Config":

@@ -208,18 +208,18 @@ def _train(config: Config, arrays, labelled, clusters: int, strategy, log,
     if chief:
         _keep_labelled_subset(labelled, run, rundir.prepare(config, log=log))
     pseudo = None
-    if config.pseudo_labels > 0 and len(labelled):
-        log(f"k-means {config.pseudo_kmeans} by the {len(labelled)} labelled images for "
-            "--pseudo_labels")
-        if config.pseudo_kmeans == "matched":
-            pseudo = clustering.matched_kmeans(arrays.x_train / np.float32(255), labelled,
-                                               arrays.y_train[labelled], clusters, config.seed)
+    if config.pseudo_labels > 0:
+        x = arrays.x_train / np.float32(255)
+        if not len(labelled):
+            log(f"k-means ({clusters} centres) of the training images for --pseudo_labels")
+            pseudo = clustering.kmeans(x, clusters, config.seed)
         else:
-            pseudo = clustering.seeded_kmeans(arrays.x_train / np.float32(255), labelled,
-                                              arrays.y_train[labelled], clusters)
-    elif config.pseudo_labels > 0:
-        log(f"k-means ({clusters} centres) of the training images for --pseudo_labels")
-        pseudo = clustering.kmeans(arrays.x_train / np.float32(255), clusters, config.seed)
+            log(f"k-means {config.pseudo_kmeans} by the {len(labelled)} labelled images for "
+                "--pseudo_labels")
+            classes = arrays.y_train[labelled]
+            pseudo = (clustering.matched_kmeans(x, labelled, classes, clusters, config.seed)
+                      if config.pseudo_kmeans == "matched" else
+                      clustering.seeded_kmeans(x, labelled, classes, clusters))
     streams = data.streams(arrays, labelled, config.batch_size, config.labelled_batch_size,
                            config.seed, pseudo_labels=pseudo, likelihood=config.likelihood)
     alpha = objective.alpha(config.beta, streams.num_unlabelled, streams.num_labelled)

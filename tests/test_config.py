@@ -22,6 +22,8 @@ def test_one_width_means_two_layers_and_defaults_are_the_papers():
     ({"hidden_lower": ["big"]}, "--hidden_lower big: give integers"),
     ({"strategy": "magic"}, "--strategy magic"), ({"lr_decay": 2.0}, "--lr_decay"),
     ({"pseudo_labels": 1.0, "departure_epochs": 0}, "--departure_epochs"),
+    ({"pseudo_kmeans": "matched", "pseudo_labels": 1.0}, "--pseudo_kmeans matched .* --labels"),
+    ({"pseudo_kmeans": "matched", "labels": 20}, "--pseudo_kmeans matched .* --pseudo_labels"),
 ])
 def test_bad_settings_are_one_line_errors(settings, message):
     with pytest.raises(ConfigError, match=message) as error:

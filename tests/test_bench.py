@@ -164,3 +164,34 @@ def test_the_pytorch_peer_module_is_importable_without_pytorch():
     import sys
     peer = importlib.import_module("cagem_tf.benchmark.torch_peer")
     assert callable(peer.build) and "torch" not in sys.modules
+
+
+def test_the_op_profile_finds_the_ops_a_function_runs_and_their_time(tmp_path):
+    """A function of matmuls and one cheap elementwise op: MatMul takes most of the op time,
+    each traced execution is counted, and the op time fits in the cores over the wall time."""
+    import os
+    from cagem_tf.benchmark import ops
+    a = tf.random.normal([512, 512])
+
+    @tf.function
+    def work():
+        h = a
+        for _ in range(4):
+            h = tf.matmul(h, a)
+        return tf.nn.relu(h)
+
+    work()
+    result = ops.profile(lambda: [work() for _ in range(3)], str(tmp_path))
+    seconds = result["ops"]
+    assert seconds["MatMul"] > 0.5 * sum(seconds.values())
+    assert "Relu" in seconds
+    assert sum(seconds.values()) <= result["traced_wall_s"] * (os.cpu_count() + 1)
+    assert 0 < result["wall_s"] < 60
+    text = ops.table(result, calls=3, top=1)
+    assert text.splitlines()[2].startswith("| MatMul |") and "(other ops)" in text
+
+
+def test_the_op_profile_bench_refuses_a_directory_without_a_saved_model_in_one_line(tmp_path):
+    code, last = _bench_error("bench/ops.py", f"--saved_model={tmp_path}")
+    assert code != 0 and last.startswith(f"error: --saved_model {tmp_path}: no "
+                                         "saved_model.pb there")

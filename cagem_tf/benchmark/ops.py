@@ -3,7 +3,9 @@
 The TensorFlow profiler traces a few calls; its host trace (the `.xplane.pb` of the log
 directory) holds one event per op execution on TensorFlow's compute threads, named
 `node:OpType`. Summed by op type they give each type's share of the op time, and their sum
-over the traced wall time the average number of cores kept busy. The program is bench/ops.py.
+over the traced wall time the average number of ops running at once: the cores kept busy when
+each op runs on one thread (`--intra_op_threads 1`); with more intra-op threads an op may itself
+use several cores, which this does not count. The program is bench/ops.py.
 """
 
 import collections
@@ -56,7 +58,7 @@ def profile(fn, logdir: str) -> dict:
 def table(result: dict, calls: int, top: int = 12) -> str:
     """Markdown: each op type's milliseconds per call and share of the op time, the `top`
     largest, the rest summed; then the wall time per call, untraced and traced, and the cores
-    kept busy (op time / traced wall time)."""
+    running at once (op time / traced wall time)."""
     ops, wall = result["ops"], result["wall_s"]
     total = sum(ops.values())
     ranked = sorted(ops.items(), key=lambda kv: -kv[1])
@@ -67,7 +69,7 @@ def table(result: dict, calls: int, top: int = 12) -> str:
     lines.append(f"| all ops | {1000 * total / calls:.1f} | 100% |")
     traced = result["traced_wall_s"]
     lines.append(f"\nwall time {1000 * wall / calls:.1f} ms per call ({1000 * traced / calls:.1f} "
-                 f"traced); cores busy with ops {total / traced:.2f} on average while traced")
+                 f"traced); ops running at once {total / traced:.2f} on average while traced")
     return "\n".join(lines)
 
 

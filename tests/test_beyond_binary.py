@@ -50,6 +50,25 @@ def test_the_discretized_logistic_sums_to_one_over_the_256_levels():
                                rtol=1e-4)
 
 
+def test_the_bernoulli_log_density_and_its_gradient_are_tfps():
+    """x l - softplus(l) is TFP's Bernoulli log-density, value and gradient, for binary x and
+    logits far into both tails."""
+    rng = np.random.default_rng(0)
+    logits = tf.constant(np.concatenate([rng.normal(0, 3, 500), [-40.0, -15.0, 15.0, 40.0]]),
+                         tf.float32)
+    x = tf.constant(rng.integers(0, 2, logits.shape[0]), tf.float32)
+    values, grads = [], []
+    for cls in (networks.Bernoulli, networks.tfd.Bernoulli):
+        with tf.GradientTape() as tape:
+            tape.watch(logits)
+            log_p = cls(logits=logits, dtype=tf.float32).log_prob(x)
+        values.append(log_p)
+        grads.append(tape.gradient(log_p, logits))
+    np.testing.assert_allclose(values[0], values[1], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-6, atol=1e-6)
+    assert np.all(np.isfinite(values[0]))
+
+
 def test_bits_per_dimension_are_nats_over_d_ln_2():
     assert float(objective.bits_per_dim(-math.log(2) * 784 * 3, 784)) == pytest.approx(3.0)
 

@@ -52,7 +52,7 @@ def main(argv):
         what = (f"train step, hidden {FLAGS.lower}/{FLAGS.upper}, K = {FLAGS.clusters}, batch "
                 f"{FLAGS.batch}, {FLAGS.labels} labelled")
         calls = FLAGS.steps
-    print(f"machine: {cpu.model_name()} ({', '.join(cpu.reported_flags()) or 'flags unknown'})")
+    print(f"machine: {cpu.describe()}")
     print(f"{what}; per call, {calls} calls traced\n")
     print(ops.table(result, calls, FLAGS.top))
 

@@ -39,7 +39,7 @@ def main(argv):
                                    for k in ("rows_per_second", "latency_ms")}
                                for n in sizes})
             for (path, signature), measured in rounds.items()]
-    print(f"machine: {cpu.model_name()} ({', '.join(cpu.reported_flags()) or 'flags unknown'})")
+    print(f"machine: {cpu.describe()}")
     print(serving.table(rows))
 
 

@@ -45,6 +45,11 @@ def reported_flags() -> list[str]:
     return [f for f in REPORTED_FLAGS if f in have]
 
 
+def describe() -> str:
+    """The CPU for a benchmark table's first line: its model and reported flags."""
+    return f"{model_name()} ({', '.join(reported_flags()) or 'flags unknown'})"
+
+
 def has_bfloat16() -> bool | None:
     """Whether the CPU has native bfloat16 units; None when its flags cannot be read."""
     have = flags()

@@ -24,6 +24,7 @@ def test_the_cpu_is_read_from_cpuinfo(cpuinfo):
     assert cpu.model_name() == "Test CPU"
     assert cpu.reported_flags() == ["avx2", "fma", "avx512f", "avx512_bf16"]
     assert cpu.has_bfloat16() is True
+    assert cpu.describe() == "Test CPU (avx2, fma, avx512f, avx512_bf16)"
     cpuinfo(AVX2_ONLY)
     assert cpu.has_bfloat16() is False
     cpuinfo("")

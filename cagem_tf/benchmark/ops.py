@@ -57,7 +57,7 @@ def profile(fn, logdir: str) -> dict:
 
 def table(result: dict, calls: int, top: int = 12) -> str:
     """Markdown: each op type's milliseconds per call and share of the op time, the `top`
-    largest, the rest summed; then the wall time per call, untraced and traced, and the cores
+    largest, the rest summed; then the wall time per call, untraced and traced, and the ops
     running at once (op time / traced wall time)."""
     ops, wall = result["ops"], result["wall_s"]
     total = sum(ops.values())

@@ -59,7 +59,7 @@ def run(torch_python: str, rounds: int = 3, steps: int = 15, windows: int = 5, o
             key = f"{size['lower']}/{size['upper']}"
             results.setdefault(key, []).append(measure(torch_python, size, steps, windows))
     first = next(iter(results.values()))[0]
-    out(f"machine: {cpu.model_name()} ({', '.join(cpu.reported_flags()) or 'flags unknown'}), "
+    out(f"machine: {cpu.describe()}, "
         f"{os.cpu_count()} cores; TensorFlow {version('tensorflow')}, PyTorch {first['torch']}; "
         f"unlabelled step, K = {throughput.TRAIN['clusters']}, batch {throughput.TRAIN['batch']}, "
         f"float32, TensorFlow's default threads unless named; median of {windows} windows of "

@@ -408,7 +408,7 @@ def run(settings, out=print):
     from importlib.metadata import version
     SETTINGS.update(settings)
     rows = [(t, s) for t, s in suite() if not SETTINGS["only"] or t in SETTINGS["only"]]
-    out(f"machine: {cpu.model_name()} ({', '.join(cpu.reported_flags()) or 'flags unknown'}), "
+    out(f"machine: {cpu.describe()}, "
         f"{os.cpu_count()} cores; "
         f"TensorFlow {version('tensorflow')}; {time.strftime('%Y-%m-%d')}; suite "
         f"{SETTINGS['suite']}; train: batch {TRAIN['batch']} + {TRAIN['labels']} labelled, "

@@ -150,8 +150,10 @@ def test_one_seed_repeats_a_run_and_another_seed_does_not(tiny_npz, tmp_path):
         training.train(Config(**config, seed=seed, model_dir=str(tmp_path / name)),
                        log=lambda m: None)
         for seed, name in ((3, "first"), (3, "again"), (4, "other")))
+    # Threaded float sums may end in other bits from run to run (CI once saw 1.5e-5 after an
+    # epoch); another seed moves the loss by more than 1e-3.
     for name in ("loss", "elbo", "kl_z1"):
-        assert again[name] == pytest.approx(first[name], rel=1e-5), name
+        assert again[name] == pytest.approx(first[name], rel=1e-4), name
     assert other["loss"] != pytest.approx(first["loss"], rel=1e-3)
 
 

@@ -1,6 +1,7 @@
 """Where the time of the train step or of a SavedModel signature goes, by TensorFlow op type.
 
 python bench/ops.py [--lower 1024 --upper 512 --clusters 10 --batch 100 --labels 0] [--steps 15]
+    [--precision mixed_bfloat16]
 python bench/ops.py --saved_model RUN/export/1 --signature classify --rows 256 [--calls 5]
 
 The measurement is `cagem_tf.benchmark.ops`; docs/performance.md holds the numbers.
@@ -21,6 +22,7 @@ flags.DEFINE_integer("clusters", 10, "K (train step).")
 flags.DEFINE_integer("batch", 100, "Unlabelled batch size (train step).")
 flags.DEFINE_integer("labels", 0, "Labelled images per step, 0 for the unlabelled step.")
 flags.DEFINE_integer("steps", 15, "Train steps traced.")
+flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat16"], "Train step precision.")
 flags.DEFINE_integer("intra_op_threads", 0, "0: TensorFlow's choice.")
 flags.DEFINE_integer("inter_op_threads", 0, "0: TensorFlow's choice.")
 flags.DEFINE_string("saved_model", None, "An export version directory: profile its "
@@ -47,10 +49,11 @@ def main(argv):
     else:
         spec = {**throughput.TRAIN, "lower": FLAGS.lower, "upper": FLAGS.upper,
                 "clusters": FLAGS.clusters, "batch": FLAGS.batch, "labels": FLAGS.labels,
-                "intra": FLAGS.intra_op_threads, "inter": FLAGS.inter_op_threads}
+                "intra": FLAGS.intra_op_threads, "inter": FLAGS.inter_op_threads,
+                "precision": FLAGS.precision}
         result = ops.train_step(spec, FLAGS.steps, logdir)
         what = (f"train step, hidden {FLAGS.lower}/{FLAGS.upper}, K = {FLAGS.clusters}, batch "
-                f"{FLAGS.batch}, {FLAGS.labels} labelled")
+                f"{FLAGS.batch}, {FLAGS.labels} labelled, {FLAGS.precision}")
         calls = FLAGS.steps
     print(f"machine: {cpu.describe()}")
     print(f"{what}; per call, {calls} calls traced\n")

@@ -191,6 +191,30 @@ def test_the_op_profile_finds_the_ops_a_function_runs_and_their_time(tmp_path):
     assert text.splitlines()[2].startswith("| MatMul |") and "(other ops)" in text
 
 
+@pytest.mark.e2e
+def test_the_op_profile_of_the_bfloat16_step_shows_its_casts():
+    """bench/ops.py --precision mixed_bfloat16 at toy size: the float32 weights are cast to
+    bfloat16 for the matmuls, so Cast takes a larger share of the op time than in the float32
+    step (which casts only a few small tensors)."""
+    import os
+    import re
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    tables = {}
+    for precision in ("float32", "mixed_bfloat16"):
+        result = subprocess.run([sys.executable, "bench/ops.py", "--lower=32", "--upper=16",
+                                 "--steps=2", "--top=40", f"--precision={precision}"],
+                                cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"0 labelled, {precision};" in result.stdout, result.stdout
+        tables[precision] = result.stdout
+    share = {p: float(re.search(r"^\| Cast \| [\d.]+ \| ([\d.]+)% \|$", t, re.M).group(1))
+             if "| Cast |" in t else 0.0 for p, t in tables.items()}
+    assert share["mixed_bfloat16"] > max(1.0, 5 * share["float32"]), share
+
+
 def test_the_op_profile_bench_refuses_a_directory_without_a_saved_model_in_one_line(tmp_path):
     code, last = _bench_error("bench/ops.py", f"--saved_model={tmp_path}")
     assert code != 0 and last.startswith(f"error: --saved_model {tmp_path}: no "

@@ -15,6 +15,9 @@ import time
 
 # The executor's own event on the compute threads, around the ops it runs: not an op.
 _EXECUTOR = "Process"
+# oneDNN's rewrites of an op type on some CPUs (_MklMatMul, _MklNativeFusedBatchNormV3): one
+# name per op type, so tables of different machines compare.
+_ONEDNN_PREFIXES = ("_MklNative", "_Mkl")
 
 
 def op_seconds(logdir: str) -> dict[str, float]:
@@ -35,6 +38,8 @@ def op_seconds(logdir: str) -> dict[str, float]:
             for event in line.events:
                 name = names.get(event.metadata_id, "")
                 op = name.rsplit(":", 1)[-1]
+                for prefix in _ONEDNN_PREFIXES:
+                    op = op.removeprefix(prefix)
                 if ":" in name and op != _EXECUTOR:
                     totals[op] += event.duration_ps * 1e-12
     return dict(totals)

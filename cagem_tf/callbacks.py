@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cagem_tf import evaluation, figures, metrics, rundir, serving
+from cagem_tf import clustering, evaluation, figures, metrics, rundir, serving
 
 
 class StepSchedule(keras.callbacks.Callback):
@@ -55,17 +55,48 @@ class KLWarmup(StepSchedule):
 
 class Anneal(StepSchedule):
     """The scalar weight `variable` linear from `start` to `end` over `epochs` epochs, then
-    `end` for good: end + (start - end) * max(0, 1 - t / epochs)."""
+    `end` for good: end + (start - end) * max(0, 1 - t / epochs). With `begin` > 0 the weight
+    is 0 for the first `begin` epochs and the line starts there (t - begin for t)."""
 
     def __init__(self, variable, start: float, epochs: int, end: float = 0.0,
-                 name: str | None = None):
-        super().__init__(variable, epochs, name)
-        self.start, self.end = start, end
+                 name: str | None = None, begin: int = 0):
+        super().__init__(variable, begin + epochs, name)
+        self.start, self.end, self.begin = start, end, begin
 
     def value(self, t: float) -> float:
-        if self.epochs <= 0:
+        if t < self.begin:
+            return 0.0
+        if self.epochs <= self.begin:
             return self.end
-        return self.end + (self.start - self.end) * max(0.0, 1.0 - t / self.epochs)
+        done = (t - self.begin) / (self.epochs - self.begin)
+        return self.end + (self.start - self.end) * max(0.0, 1.0 - done)
+
+
+class NameClusters(keras.callbacks.Callback):
+    """At the start of epoch `epoch` (0-based: after `epoch` epochs) gives each class the
+    cluster the labelled images of that class fall in most, one-to-one
+    (`clustering.name_by_labels` on q(y|x) of `x_labelled`), and renames the model's y so
+    (`CaGeM.rename_clusters`): the clusters found without labels keep their images and take
+    the classes' names before the labelled cross-entropies start."""
+
+    def __init__(self, epoch: int, x_labelled, y_labelled, num_classes: int, seed: int,
+                 log=None):
+        super().__init__()
+        self.epoch, self.x, self.y = epoch, x_labelled, np.asarray(y_labelled)
+        self.num_classes, self.seed, self.log = num_classes, seed, log
+        self.order = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch != self.epoch:
+            return
+        log_q, _ = self.model.class_log_probs(self.x, seed=tf.constant([self.seed, 0]))
+        self.order = clustering.name_by_labels(np.exp(log_q.numpy()), self.y,
+                                               self.num_classes)
+        self.model.rename_clusters(self.order)
+        if self.log:
+            names = ", ".join(f"{c}<-{k}" for c, k in enumerate(self.order))
+            self.log(f"epoch {epoch + 1}: clusters named by the {len(self.y)} labelled images "
+                     f"(class<-cluster: {names}); the labelled cross-entropies start")
 
 
 class DropDepartures(keras.callbacks.Callback):

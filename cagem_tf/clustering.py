@@ -153,6 +153,17 @@ def matched_kmeans(x, labelled, labels, num_classes: int, seed: int = 0,
     return named
 
 
+def name_by_labels(q_y, labels, num_classes: int) -> np.ndarray:
+    """The one-to-one naming of a model's clusters by a few labelled rows: `order` [K] with
+    class c given to the cluster order[c], the permutation that the rows' responsibilities
+    q_y [M,K] put the most mass on,
+      order* = argmax_order sum_c sum_{m: l_m = c} q_y[m, order[c]],
+    (an assignment problem, `_max_assignment`). Deterministic given q_y and the labels."""
+    q_y, labels = np.asarray(q_y, np.float64), np.asarray(labels, np.int64)
+    mass = np.stack([q_y[labels == c].sum(0) for c in range(num_classes)])  # [class, cluster]
+    return _max_assignment(mass)
+
+
 def _max_assignment(counts) -> np.ndarray:
     """The permutation p [K] maximising sum_k counts[k, p[k]] of a square matrix, by the
     Hungarian algorithm (shortest augmenting paths with potentials, O(K^3))."""

@@ -14,7 +14,7 @@ import typing
 
 from cagem_tf.files import UserError
 
-PSEUDO_KMEANS = ("seeded", "matched")
+PSEUDO_KMEANS = ("seeded", "matched", "unsupervised")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("float32", "mixed_bfloat16")
 LIKELIHOODS = ("bernoulli", "discretized_logistic")
@@ -228,7 +228,13 @@ class Config(ModelSpec):
                                 "their class: constrained k-means) or matched (plain k-means, "
                                 "each cluster named after the class most labelled images in "
                                 "it have, one-to-one, and the labelled images keep their "
-                                "class).", choices=PSEUDO_KMEANS)
+                                "class) or unsupervised (labels late: the unsupervised "
+                                "recipe, plain k-means and no labelled term, for "
+                                "--departure_epochs; then each class is given the model's "
+                                "cluster its labelled images' q(y|x) fall in most, one-to-one, "
+                                "y is renamed so, and the labelled cross-entropies start, "
+                                "with --beta_start's schedule from there).",
+                                choices=PSEUDO_KMEANS)
     z2_code: float = _field(0.0, "DEPARTURE from the paper: weight of E_q(y|z1,x)[-log "
                             "p(y|z2^y)], the cross-entropy of p(y|z2) on the cluster each z2 "
                             "was drawn for, added through q(z2|x,y,z1) and p(y|z2) only, so "
@@ -271,6 +277,15 @@ class Config(ModelSpec):
         if self.pseudo_kmeans != "seeded" and not (self.labels and self.pseudo_labels):
             raise ConfigError(f"--pseudo_kmeans {self.pseudo_kmeans} names k-means clusters "
                               "after labelled classes: give --labels and --pseudo_labels too")
+        if self.labels_late and self.strategy != "default":
+            raise ConfigError("--pseudo_kmeans unsupervised renames the clusters in one "
+                              "process: use --strategy default")
+
+    @property
+    def labels_late(self) -> bool:
+        """The labelled cross-entropies start after the departure (--pseudo_kmeans
+        unsupervised)."""
+        return self.pseudo_kmeans == "unsupervised"
 
     @classmethod
     def from_dict(cls, values: dict, what: str = "the settings") -> "Config":

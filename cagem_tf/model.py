@@ -517,6 +517,30 @@ class CaGeM(keras.Model):
             raise ValueError("two variables of the model share a path")
         return named
 
+    def rename_clusters(self, order) -> None:
+        """Gives the value c of y to the cluster that was order[c] (a permutation [K]), in
+        every network and in the optimizer's moments of their variables:
+          q'(c|z1,x) = q(order[c]|z1,x),    q'(z2|x,c,z1) = q(z2|x,order[c],z1),
+          p'(c|z2) = p(order[c]|z2),        p'(z1|c,z2) = p(z1|order[c],z2),
+          p'(x|c,z1) = p(x|order[c],z1).
+        The same model with its clusters relabelled: the ELBO and every bound, which sum
+        over y, are unchanged. y is a network's first input (the rows of its first kernel)
+        and the classifiers' logits (the columns of their head)."""
+        order = np.asarray(order, np.int64)
+        if sorted(order.tolist()) != list(range(self.num_clusters)):
+            raise ValueError(f"order {order.tolist()} is not a permutation of the "
+                             f"{self.num_clusters} clusters")
+        renamed = [(net.projections[0].kernel, 0) for net in (self.q_z2, self.p_z1, self.p_x)]
+        renamed += [(v, -1) for net in (self.q_y, self.p_y)
+                    for v in (net.heads[0].kernel, net.heads[0].bias)]
+        slots = self.optimizer.variables if getattr(self.optimizer, "built", False) else []
+        for variable, axis in renamed:
+            # Keras names a slot (Adam's moments, SGD's momentum) after its variable's path.
+            prefix = variable.path.replace("/", "_") + "_"
+            for v in [variable] + [s for s in slots if s.name.startswith(prefix)
+                                   and tuple(s.shape) == tuple(variable.shape)]:
+                v.assign(tf.gather(v, order, axis=axis))
+
     # ----------------------------------------------------------------------------------------
     # Training
     def compile(self, optimizer="adam", alpha: float = 0.0, cluster_usage: bool = False,

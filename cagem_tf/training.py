@@ -79,15 +79,18 @@ def schedules(config: Config, model: CaGeM) -> list:
              callbacks.Anneal(model.usage_weight, config.cluster_usage, epochs),
              callbacks.Anneal(model.pseudo_weight, config.pseudo_labels, epochs),
              callbacks.Anneal(model.code_weight, config.z2_code, epochs)]
-    if config.beta_start:
-        moved.append(callbacks.Anneal(model.label_weight,
-                                      model.alpha * config.beta_start / config.beta,
-                                      config.beta_epochs, end=model.alpha, name="alpha"))
+    # "unsupervised" naming: no labelled term until the departure ends, then beta's schedule.
+    begin = epochs if config.labels_late else 0
+    if config.beta_start or begin:
+        start = config.beta_start or config.beta
+        moved.append(callbacks.Anneal(model.label_weight, model.alpha * start / config.beta,
+                                      config.beta_epochs if config.beta_start else 0,
+                                      end=model.alpha, name="alpha", begin=begin))
     return moved
 
 
-def _callbacks(config: Config, run: rundir.RunDir, model, checkpoint, stop, arrays, log,
-               chief=True):
+def _callbacks(config: Config, run: rundir.RunDir, model, checkpoint, stop, arrays, labelled,
+               log, chief=True):
     """The schedules, learning-rate decay, NaN stop, checkpoints; on the chief also
     TensorBoard summaries (training, periodic evaluation, settings) and periodic exports."""
     decay = callbacks.step_decay(config.learning_rate, config.lr_decay, config.lr_decay_epochs)
@@ -97,6 +100,11 @@ def _callbacks(config: Config, run: rundir.RunDir, model, checkpoint, stop, arra
     if config.cluster_usage or config.pseudo_labels or config.z2_code:
         fit_callbacks.insert(1 + len(moved), callbacks.DropDepartures(config.departure_epochs,
                                                                       log if chief else None))
+    if config.labels_late:
+        fit_callbacks.insert(1, callbacks.NameClusters(
+            config.departure_epochs,
+            data.observed(arrays.x_train[labelled], config.likelihood, config.seed),
+            arrays.y_train[labelled], arrays.num_classes, config.seed, log))
     if not chief:
         return fit_callbacks
     n_eval = min(config.eval_subset, len(arrays.x_test))
@@ -210,7 +218,7 @@ def _train(config: Config, arrays, labelled, clusters: int, strategy, log,
     pseudo = None
     if config.pseudo_labels > 0:
         x = arrays.x_train / np.float32(255)
-        if not len(labelled):
+        if not len(labelled) or config.labels_late:
             log(f"k-means ({clusters} centres) of the training images for --pseudo_labels")
             pseudo = clustering.kmeans(x, clusters, config.seed)
         else:
@@ -245,7 +253,8 @@ def _train(config: Config, arrays, labelled, clusters: int, strategy, log,
     for line in plan(config, arrays, streams, model, initial_epoch):
         log(line)
     verbose = config.verbose if config.verbose >= 0 else (1 if sys.stdout.isatty() else 2)
-    fit_callbacks = _callbacks(config, run, model, checkpoint, stop, arrays, log, chief)
+    fit_callbacks = _callbacks(config, run, model, checkpoint, stop, arrays, labelled, log,
+                               chief)
     with warnings.catch_warnings():
         # Keras warns that its shuffle flag does not apply to a tf.data stream (shuffled here).
         warnings.filterwarnings("ignore", message="`shuffle=True` was passed")

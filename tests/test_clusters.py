@@ -255,3 +255,87 @@ def test_a_beta_schedule_moves_alpha_to_the_papers_value_and_stays_there():
     data = {"x": x, "x_labelled": x[:4], "y_labelled": np.array([0, 1, 0, 1])}
     model.label_weight.assign(50.0)
     assert float(model.train_step(data)["alpha"]) == 50.0  # the step uses the scheduled value
+
+
+def test_renaming_the_clusters_permutes_every_y_and_leaves_the_bounds_unchanged():
+    # Shared noise: every branch y draws z2 with the same eps, whatever the names of y.
+    model = tiny_cagem(num_clusters=3, z1_dim=2, z2_dim=2, shared_noise=True)
+    model.compile(keras.optimizers.Adam(0.01))
+    x = (np.random.default_rng(0).random((6, 5)) < 0.5).astype(np.float32)
+    model.train_step({"x": x})  # Adam's moments are no longer zero
+    seed = tf.constant([4, 5])
+    q_before = model.class_log_probs(x, 4, seed=seed)[0].numpy()
+    bound_before = model.iw_bound(x, 20, seed=seed).numpy()
+    y = tf.one_hot([2, 0, 1, 2, 0, 1], 3)
+    z1 = np.random.default_rng(1).normal(size=(6, 2)).astype(np.float32)
+    z2 = z1[:, ::-1].copy()
+    p_x_before = model.p_x.distribution([y, z1]).log_prob(x).numpy()
+    p_z1_before = model.p_z1.distribution([y, z2]).log_prob(z1).numpy()
+    q_z2_before = model.q_z2.distribution([y, z1, x]).log_prob(z2).numpy()
+    p_y_before = model.p_y([z2]).numpy()
+    q_y = model.q_y.heads[0]
+    slot = model.optimizer._momentums[model.optimizer._get_variable_index(q_y.kernel)]
+    slot_before = slot.numpy()
+    order = np.array([2, 0, 1])  # class c <- cluster order[c]
+    model.rename_clusters(order)
+    q_after = model.class_log_probs(x, 4, seed=seed)[0].numpy()
+    np.testing.assert_allclose(q_after, q_before[:, order], atol=1e-5)
+    np.testing.assert_allclose(model.p_y([z2]).numpy(), p_y_before[:, order], atol=1e-5)
+    # y = c now is the old y = order[c]: the same densities for the renamed values.
+    renamed_y = tf.one_hot(np.argsort(order)[[2, 0, 1, 2, 0, 1]], 3)
+    np.testing.assert_allclose(model.p_x.distribution([renamed_y, z1]).log_prob(x).numpy(),
+                               p_x_before, atol=1e-5)
+    np.testing.assert_allclose(model.p_z1.distribution([renamed_y, z2]).log_prob(z1).numpy(),
+                               p_z1_before, atol=1e-5)
+    np.testing.assert_allclose(
+        model.q_z2.distribution([renamed_y, z1, x]).log_prob(z2).numpy(), q_z2_before,
+        atol=1e-5)
+    np.testing.assert_allclose(model.iw_bound(x, 20, seed=seed).numpy(), bound_before,
+                               atol=1e-4)
+    np.testing.assert_array_equal(slot.numpy(), slot_before[:, order])
+    with pytest.raises(ValueError, match="not a permutation"):
+        model.rename_clusters([0, 0, 1])
+
+
+def test_labelled_responsibilities_name_each_class_after_the_cluster_holding_most_of_it():
+    rng = np.random.default_rng(0)
+    order = np.array([3, 1, 0, 2])  # class c is in cluster order[c]
+    labels = np.repeat(np.arange(4), 3)
+    q_y = np.full((12, 4), 0.05)
+    q_y[np.arange(12), order[labels]] = 0.85
+    q_y[0] = [0.05, 0.05, 0.85, 0.05]  # one image of class 0 in the wrong cluster
+    q_y += rng.uniform(0, 0.01, q_y.shape)
+    np.testing.assert_array_equal(clustering.name_by_labels(q_y, labels, 4), order)
+
+
+def test_labels_late_keep_alpha_at_zero_until_the_naming_then_follow_the_beta_schedule():
+    model = tiny_cagem(num_clusters=2)
+    late = callbacks.Anneal(model.label_weight, 30.0, epochs=2, end=10.0, begin=3)
+    assert late.value(0) == 0.0 and late.value(2.99) == 0.0
+    assert late.value(3) == 30.0 and late.value(4) == pytest.approx(20.0)
+    assert late.value(5) == 10.0 and late.value(50) == 10.0
+    constant = callbacks.Anneal(model.label_weight, 10.0, epochs=0, end=10.0, begin=3)
+    assert constant.value(2.5) == 0.0 and constant.value(3) == 10.0
+
+
+def test_labels_late_name_the_clusters_once_at_the_end_of_the_departure():
+    """`NameClusters` at epoch 2 renames the model once, before epoch 3 (also when a run
+    resumes there), so that the labelled images' q(y|x) then favours their own classes; a
+    run resumed after that epoch is not renamed again."""
+    model = tiny_cagem(num_clusters=2, z1_dim=2)
+    model.compile(keras.optimizers.SGD(0.05))
+    x = (np.random.default_rng(0).random((16, 5)) < 0.5).astype(np.float32)
+    data = tf.data.Dataset.from_tensors({"x": x}).repeat()
+    model.fit(data, epochs=2, steps_per_epoch=1, verbose=0)
+    q = model.class_log_probs(x[:4], seed=tf.constant([0, 0]))[0].numpy()
+    labels = 1 - np.argmax(q, -1)  # every label names the other cluster
+    said = []
+    naming = callbacks.NameClusters(2, x[:4], labels, 2, seed=0, log=said.append)
+    model.fit(data, initial_epoch=2, epochs=4, steps_per_epoch=1, verbose=0,
+              callbacks=[naming])
+    assert len(said) == 1 and "epoch 3" in said[0] and naming.order.tolist() == [1, 0]
+    after = np.argmax(model.class_log_probs(x[:4], seed=tf.constant([0, 0]))[0], -1)
+    assert (after == labels).mean() >= 0.75
+    late = callbacks.NameClusters(2, x[:4], labels, 2, seed=0, log=said.append)
+    model.fit(data, initial_epoch=4, epochs=5, steps_per_epoch=1, verbose=0, callbacks=[late])
+    assert late.order is None and len(said) == 1

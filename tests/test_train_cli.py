@@ -90,6 +90,30 @@ def test_end_to_end_run(tiny_npz, tmp_path):
 
 
 @pytest.mark.e2e
+def test_labels_late_train_unsupervised_then_name_the_clusters_once_and_resume_past_it(
+        tiny_npz, tmp_path):
+    run = str(tmp_path / "run")
+    late = [f"--dataset={tiny_npz}", f"--model_dir={run}", *TINY, "--eval_every=0",
+            "--pseudo_labels=1", "--pseudo_kmeans=unsupervised", "--departure_epochs=1",
+            "--beta=0.01", "--beta_start=0.1", "--beta_epochs=1"]
+    result = run_cli(*late, "--epochs=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = result.stdout + result.stderr
+    assert said.count("clusters named by the 6 labelled images") == 1
+    assert "epoch 2: clusters named" in said and "k-means (3 centres)" in said
+    acc = event_accumulator.EventAccumulator(os.path.join(run, "logs", "train"),
+                                             size_guidance={"tensors": 0})
+    acc.Reload()
+    alpha = [float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors("schedule/alpha")]
+    # alpha = beta N / N_l: 0 for the unsupervised epoch, then from 0.1 N / 6 towards 0.01 N / 6.
+    assert alpha[0] == 0.0 and alpha[-1] > 0.0
+    resumed = run_cli(*late, "--epochs=3")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "clusters named" not in resumed.stdout + resumed.stderr
+    assert tf.train.latest_checkpoint(os.path.join(run, "checkpoints")).endswith("ckpt-3")
+
+
+@pytest.mark.e2e
 def test_kill_and_resume_continues_the_epoch_count(tiny_npz, tmp_path):
     run = str(tmp_path / "run")
     args = [f"--dataset={tiny_npz}", f"--model_dir={run}", "--epochs=40", "--eval_every=0",

@@ -73,7 +73,8 @@ def _keep_labelled_subset(labelled, run: rundir.RunDir, resuming: bool) -> None:
 
 def schedules(config: Config, model: CaGeM) -> list:
     """The schedules of the model's scalar weights: the KL warm-up, the departures' anneals
-    to 0 and, with --beta_start, alpha's move to its value."""
+    to 0 and, with --beta_start, alpha's move to its value (with labels late, alpha is 0 until
+    the departure ends and the move starts there)."""
     epochs = config.departure_epochs
     moved = [callbacks.KLWarmup(model.temperature, config.warmup_epochs),
              callbacks.Anneal(model.usage_weight, config.cluster_usage, epochs),

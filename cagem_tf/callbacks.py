@@ -60,15 +60,16 @@ class Anneal(StepSchedule):
 
     def __init__(self, variable, start: float, epochs: int, end: float = 0.0,
                  name: str | None = None, begin: int = 0):
+        # The per-step updates run until the line's end, epoch begin + epochs.
         super().__init__(variable, begin + epochs, name)
-        self.start, self.end, self.begin = start, end, begin
+        self.start, self.end, self.begin, self.length = start, end, begin, epochs
 
     def value(self, t: float) -> float:
         if t < self.begin:
             return 0.0
-        if self.epochs <= self.begin:
+        if self.length <= 0:
             return self.end
-        done = (t - self.begin) / (self.epochs - self.begin)
+        done = (t - self.begin) / self.length
         return self.end + (self.start - self.end) * max(0.0, 1.0 - done)
 
 

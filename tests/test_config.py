@@ -1,11 +1,16 @@
 """The typed configuration: validation, its JSON form, and config.json files of earlier runs."""
 
+import glob
 import json
+import os
+import re
 
 import pytest
 
 from cagem_tf import files, rundir
 from cagem_tf.config import Config, ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_one_width_means_two_layers_and_defaults_are_the_papers():
@@ -113,3 +118,28 @@ def test_a_model_json_of_another_version_is_a_one_line_error(tmp_path):
     with pytest.raises(rundir.RunError, match="model.json does not describe") as error:
         rundir.load_model(str(tmp_path), str(tmp_path / "checkpoints" / "ckpt-1"))
     assert "\n" not in str(error.value)
+
+
+EXPERIMENTS = sorted(glob.glob(os.path.join(ROOT, "experiments", "*.flags")))
+
+
+@pytest.mark.parametrize("flagfile", EXPERIMENTS, ids=os.path.basename)
+def test_every_experiment_flagfile_is_a_configuration_the_trainer_accepts(flagfile, monkeypatch):
+    from absl import flags
+
+    from cagem_tf.cli import train
+    # Flagfiles name the files they include relative to the checkout, as the README runs them.
+    monkeypatch.chdir(ROOT)
+    values = flags.FlagValues()
+    train.define_flags(values)
+    values(["train", f"--flagfile={flagfile}"])
+    config = train.config_from_flags(values)
+    config.check()
+    # What the file's name says it trains is what it configures: CaGeM-<N> has N labels, a VAE
+    # one cluster.
+    name = os.path.basename(flagfile)
+    trains = re.search(r"cagem(\d+)", name)
+    if trains:
+        assert config.labels == int(trains.group(1)) and config.clusters != 1
+    if "vae" in name:
+        assert (config.clusters, config.labels) == (1, 0)

@@ -12,25 +12,31 @@ from cagem_tf import cli
 from cagem_tf.config import Config
 from cagem_tf.files import UserError
 
-for _name, _type, _default, _help, _choices in Config.fields():
-    if _choices:
-        flags.DEFINE_enum(_name, _default, list(_choices), _help)
-    elif _type is bool:
-        flags.DEFINE_bool(_name, _default, _help)
-    elif _type is int:
-        flags.DEFINE_integer(_name, _default, _help)
-    elif _type is float:
-        flags.DEFINE_float(_name, _default, _help)
-    elif _type == list[int]:
-        flags.DEFINE_list(_name, [str(w) for w in _default], _help)
-    else:
-        flags.DEFINE_string(_name, _default, _help)
+
+def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
+    """One flag per field of `Config`, in `values`."""
+    for name, kind, default, help_text, choices in Config.fields():
+        if choices:
+            flags.DEFINE_enum(name, default, list(choices), help_text, flag_values=values)
+        elif kind is bool:
+            flags.DEFINE_bool(name, default, help_text, flag_values=values)
+        elif kind is int:
+            flags.DEFINE_integer(name, default, help_text, flag_values=values)
+        elif kind is float:
+            flags.DEFINE_float(name, default, help_text, flag_values=values)
+        elif kind == list[int]:
+            flags.DEFINE_list(name, [str(w) for w in default], help_text, flag_values=values)
+        else:
+            flags.DEFINE_string(name, default, help_text, flag_values=values)
+
+
+def config_from_flags(values: flags.FlagValues = flags.FLAGS) -> Config:
+    return Config(**{name: values[name].value for name, *_ in Config.fields()})
+
+
+define_flags()
 cli.define_thread_flags()
 FLAGS = flags.FLAGS
-
-
-def config_from_flags() -> Config:
-    return Config(**{name: FLAGS[name].value for name, *_ in Config.fields()})
 
 
 def main(argv):

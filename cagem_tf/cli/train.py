@@ -31,6 +31,7 @@ def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
 
 
 def config_from_flags(values: flags.FlagValues = flags.FLAGS) -> Config:
+    """The `Config` of parsed flags (`define_flags`)."""
     return Config(**{name: values[name].value for name, *_ in Config.fields()})
 
 

@@ -11,6 +11,7 @@ over y is done by feeding the K one-hot vectors, shaped [K,1,1,K], alongside z1 
 x [B,D]; the networks broadcast them to [K,S,B,...]. With K = 1 the model is a two-layer VAE.
 """
 
+import contextlib
 from collections.abc import Sequence
 
 import keras
@@ -479,6 +480,19 @@ class CaGeM(keras.Model):
         for mine, theirs in zip(self._twin.weights, self.weights):
             mine.assign(theirs)
         return self._twin
+
+    @contextlib.contextmanager
+    def folded_batch_norm(self):
+        """Inference with batch norm folded into the weights of every network
+        (`Conditional.fold_batch_norm`), inside the block: the same function up to rounding,
+        fewer passes over the rows. Yields the folded weights (variables), a snapshot of
+        today's weights: for an export, which must track them."""
+        nets = [getattr(self, name) for name in NETWORKS]
+        try:
+            yield [v for net in nets for v in net.fold_batch_norm()]
+        finally:
+            for net in nets:
+                net.unfold_batch_norm()
 
     def checkpoint(self, positional: bool = False, skip=(), **others) -> tf.train.Checkpoint:
         """A tf.train.Checkpoint of every variable of the model (and of `others`), each under

@@ -145,6 +145,47 @@ class Conditional(keras.Model):
             self.heads = [keras.layers.Dense(units, name=name, kernel_initializer=(
                 "zeros" if name == "log_scale" else "glorot_uniform"), dtype=policy)
                 for name, units in head_units.items()]
+        object.__setattr__(self, "_folded", None)
+
+    def fold_batch_norm(self) -> list:
+        """Folds inference's batch norm into the weights, for `call(training=False)` until
+        `unfold_batch_norm`: with the moving statistics BN(h) = h s + t, s = gamma /
+        sqrt(var + eps), t = beta - mean s, so
+
+            ReLU(BN(sum_i W_i u_i)) = ReLU(sum_i u_i (W_i s) + t),  ReLU(BN(W h)) = ReLU(h (W s) + t):
+
+        one product per layer instead of a product, a scale and a shift per row (the same
+        function up to rounding). A snapshot of the weights (for an export, whose weights do
+        not change); returns the folded weights as variables. Convolutional networks are left
+        as they are (returns [])."""
+        if self.conv_head is not None or not all(
+                isinstance(p, keras.layers.Dense) for p in self.projections):
+            return []
+
+        def scale_shift(norm):
+            s = norm.gamma * tf.math.rsqrt(norm.moving_variance + norm.epsilon)
+            return s, norm.beta - norm.moving_mean * s
+
+        s, t = scale_shift(self.norms[0])
+        folded = {"inputs": [tf.Variable(p.kernel * s, trainable=False) for p in self.projections],
+                  "shift": tf.Variable(t, trainable=False), "hidden": []}
+        for dense, norm in zip(self.hidden_layers, self.norms[1:]):
+            s, t = scale_shift(norm)
+            folded["hidden"].append((tf.Variable(dense.kernel * s, trainable=False),
+                                     tf.Variable(t, trainable=False)))
+        object.__setattr__(self, "_folded", folded)
+        return [*folded["inputs"], folded["shift"], *(v for pair in folded["hidden"] for v in pair)]
+
+    def unfold_batch_norm(self):
+        """Back to batch norm as a layer (after `fold_batch_norm`)."""
+        object.__setattr__(self, "_folded", None)
+
+    def _matmul(self, u, kernel):
+        """u [..., d] times kernel [d, H] as one 2-D product, in the compute dtype."""
+        kernel = tf.cast(kernel, self.dtype_policy.compute_dtype)
+        u = tf.cast(u, kernel.dtype)
+        flat = tf.matmul(tf.reshape(u, [-1, kernel.shape[0]]), kernel)
+        return tf.reshape(flat, tf.concat([tf.shape(u)[:-1], [kernel.shape[1]]], 0))
 
     def project(self, inputs, projected=None, training=None, collect=True):
         """sum_i W_i u_i over the inputs that are not None, plus `projected`: the first layer
@@ -154,28 +195,63 @@ class Conditional(keras.Model):
         is the projection of the inputs given as None, computed once by the caller (that of x,
         reused across chunks of samples).
         """
-        if len(inputs) != self.num_inputs:
-            raise ValueError(f"{self.name} takes {self.num_inputs} inputs, got {len(inputs)}")
-        terms = [projection(u, training=training, collect=collect)
-                 if isinstance(projection, ConvProjection) else projection(u)
-                 for projection, u in zip(self.projections, inputs) if u is not None]
-        if projected is not None:
-            terms.append(projected)
+        terms = self._terms(inputs, projected, training, collect)
         h = terms[0]
         for term in terms[1:]:
             h = h + term
         return h
 
+    def _terms(self, inputs, projected, training, collect):
+        """The terms W_i u_i of `project` (folded: W_i s), and `projected`."""
+        if len(inputs) != self.num_inputs:
+            raise ValueError(f"{self.name} takes {self.num_inputs} inputs, got {len(inputs)}")
+        if self._folded is not None and not training:
+            terms = [self._matmul(u, kernel)
+                     for kernel, u in zip(self._folded["inputs"], inputs) if u is not None]
+        else:
+            terms = [projection(u, training=training, collect=collect)
+                     if isinstance(projection, ConvProjection) else projection(u)
+                     for projection, u in zip(self.projections, inputs) if u is not None]
+        return terms + ([projected] if projected is not None else [])
+
+    def _folded_hidden(self, inputs, projected):
+        """The last hidden layer of `call` with batch norm folded (`fold_batch_norm`): the
+        shift t joins the smallest term of the first layer's broadcast sum, and the further
+        layers are 2-D products with a bias and a ReLU (one fused kernel each)."""
+        terms = _smallest_first(self._terms(inputs, projected, False, False))
+        h = terms[0] + tf.cast(self._folded["shift"], terms[0].dtype)
+        for term in terms[1:]:
+            h = h + term
+        h = tf.nn.relu(h)
+        leading = tf.shape(h)[:-1]
+        h = tf.reshape(h, [-1, h.shape[-1]])
+        for kernel, shift in self._folded["hidden"]:
+            h = tf.nn.relu(tf.nn.bias_add(tf.matmul(h, tf.cast(kernel, h.dtype)),
+                                          tf.cast(shift, h.dtype)))
+        return tf.reshape(h, tf.concat([leading, [h.shape[-1]]], 0))
+
     def call(self, inputs, training=None, collect=True, projected=None):
-        h = self.project(inputs, projected, training, collect)
-        h = tf.nn.relu(self.norms[0](h, training=training, collect=collect))
-        for dense, norm in zip(self.hidden_layers, self.norms[1:]):
-            h = tf.nn.relu(norm(dense(h), training=training, collect=collect))
+        if self._folded is not None and not training:
+            h = self._folded_hidden(inputs, projected)
+        else:
+            h = self.project(inputs, projected, training, collect)
+            h = tf.nn.relu(self.norms[0](h, training=training, collect=collect))
+            for dense, norm in zip(self.hidden_layers, self.norms[1:]):
+                h = tf.nn.relu(norm(dense(h), training=training, collect=collect))
         # Densities, KL terms and the loss are computed in float32 whatever the policy.
         outputs = (self.conv_head(h, training=training, collect=collect) if self.conv_head
                    else tuple(head(h) for head in self.heads))
         outputs = tuple(tf.cast(out, tf.float32) for out in outputs)
         return outputs if len(outputs) > 1 else outputs[0]
+
+
+def _smallest_first(terms):
+    """The terms of a broadcast sum, the one with the fewest elements first (statically known
+    shapes first, then the lowest rank): what is added to the first term is added once."""
+    def size(term):
+        known = term.shape.is_fully_defined()
+        return (0 if known else 1, term.shape.num_elements() if known else term.shape.rank or 0)
+    return sorted(terms, key=size)
 
 
 def _check_image_shape(image_shape) -> tuple[int, int, int]:

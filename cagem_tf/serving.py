@@ -180,15 +180,20 @@ def export(model, export_dir: str, keep: int = 0, iw_samples=IW_SAMPLES) -> str:
         tf.Variable(model.spec.likelihood, trainable=False, name="likelihood")])
     if not iw_samples or min(iw_samples) < 1:
         raise ExportError(f"iw_samples {list(iw_samples)}: give one or more positive counts")
-    for name, fn, signature in _endpoints(model, tuple(int(s) for s in iw_samples)):
-        archive.add_endpoint(name, fn, input_signature=signature)
-    try:
-        archive.write_out(tmp, verbose=False)
-    except (OSError, tf.errors.OpError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        reason = os.strerror(e.errno) if getattr(e, "errno", None) else str(e).splitlines()[0]
-        raise ExportError(f"could not write the export {final} ({reason}); the earlier "
-                          "versions are intact: free space and export again") from None
+    # The served networks with batch norm folded into their weights, computed once here: the
+    # weights of an export do not change (docs/performance.md).
+    with model.folded_batch_norm() as folded:
+        if folded:
+            archive.add_variable_collection("folded_batch_norm", folded)
+        for name, fn, signature in _endpoints(model, tuple(int(s) for s in iw_samples)):
+            archive.add_endpoint(name, fn, input_signature=signature)
+        try:
+            archive.write_out(tmp, verbose=False)
+        except (OSError, tf.errors.OpError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            reason = os.strerror(e.errno) if getattr(e, "errno", None) else str(e).splitlines()[0]
+            raise ExportError(f"could not write the export {final} ({reason}); the earlier "
+                              "versions are intact: free space and export again") from None
     try:
         os.rename(tmp, final)
     except OSError as e:

@@ -307,3 +307,15 @@ def test_blocks_of_rows_give_each_row_its_own_value_and_compute_no_padding(n):
     values = tf.function(lambda x: serving._in_blocks(row_sums, x, 8))(x)
     np.testing.assert_array_equal(values.numpy(), tf.reduce_sum(x, [1, 2]).numpy())
     assert computed.numpy() == n
+
+
+def test_an_export_serves_batch_norm_folded_and_leaves_the_model_unfolded(model, exported):
+    """The export holds the folded weights (computed once, not per call); the model it came
+    from computes with its batch-norm layers again afterwards."""
+    _, path = exported
+    loaded = tf.saved_model.load(path)
+    assert len(loaded.folded_batch_norm) == sum(
+        len(getattr(model, name).projections) + 2 * len(getattr(model, name).norms) - 1
+        for name in ("q_z1", "q_y", "q_z2", "p_y", "p_z1", "p_x"))
+    assert all(getattr(model, name)._folded is None
+               for name in ("q_z1", "q_y", "q_z2", "p_y", "p_z1", "p_x"))

@@ -189,3 +189,38 @@ def test_the_row_independent_classifier_answers_a_row_in_a_batch_as_it_answers_i
     # q(y|x) is the same estimator either way (S = 2000 draws: within Monte Carlo noise).
     np.testing.assert_allclose(model.classify(x, 2000, seed, row_independent=True)[1],
                                model.classify(x, 2000, seed)[1], atol=0.05)
+
+
+def test_batch_norm_folded_into_the_weights_computes_the_same_networks_until_unfolded():
+    """Inside `folded_batch_norm` every network in inference is ReLU(u (W s) + t) per layer:
+    the same outputs as batch norm with the moving statistics, for every input layout (a
+    precomputed projection of x too); training ignores the fold, and leaving the block undoes it."""
+    model = tiny_cagem(num_clusters=K, z1_dim=D1, z2_dim=D2)
+    rng = np.random.default_rng(3)
+    for name in ("q_z1", "q_y", "q_z2", "p_y", "p_z1", "p_x"):
+        for norm in getattr(model, name).norms:   # statistics far from 0 and 1
+            norm.moving_mean.assign(rng.normal(size=norm.moving_mean.shape))
+            norm.moving_variance.assign(rng.uniform(0.3, 3.0, size=norm.moving_variance.shape))
+            norm.gamma.assign(rng.uniform(0.5, 2.0, size=norm.gamma.shape))
+            norm.beta.assign(rng.normal(size=norm.beta.shape))
+    x, z1 = _x(), tf.random.stateless_normal([S, B, D1], [0, 4])
+    z2, y = tf.random.stateless_normal([K, S, B, D2], [0, 5]), model.clusters(2)
+    calls = {"q_z1": lambda: model.q_z1([x]), "q_y": lambda: model.q_y([z1, x]),
+             "q_y, x projected": lambda: model.q_y([z1, None],
+                                                  projected=model.q_y.project([None, x])),
+             "q_z2": lambda: model.q_z2([y, z1, x]), "p_y": lambda: model.p_y([z2]),
+             "p_z1": lambda: model.p_z1([y, z2]), "p_x": lambda: model.p_x([y, z1])}
+    plain = {k: tf.nest.flatten(f()) for k, f in calls.items()}
+    train_plain = model.q_z2([y, z1, x], training=True, collect=False)
+    with model.folded_batch_norm() as folded:
+        assert len(folded) > 0
+        for k, f in calls.items():
+            for a, b in zip(tf.nest.flatten(f()), plain[k]):
+                assert a.shape == b.shape, k
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=k)
+        for a, b in zip(model.q_z2([y, z1, x], training=True, collect=False), train_plain):
+            np.testing.assert_array_equal(a, b)
+        model.p_x.norms[0].moving_mean.assign_add(tf.ones_like(model.p_x.norms[0].moving_mean))
+        # a snapshot: the fold does not follow the weights
+        np.testing.assert_allclose(model.p_x([y, z1]), plain["p_x"][0], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(model.p_x([y, z1]), plain["p_x"][0], atol=1e-3)

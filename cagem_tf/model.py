@@ -28,6 +28,9 @@ tfd = tfp.distributions
 # Samples per chunk of the IW bound by estimator, at similar memory: an exact chunk holds K
 # values of y per sample, a sampled one a single value.
 IW_CHUNK = {"exact": 100, "sampled": 500}
+# The cascade's activations [K,S,B,H] (float32) beyond which inference computes it one class at
+# a time: 1 MiB, about a core's L2 cache (faster at N >= 16, slower at N = 1: docs/performance.md).
+CACHED_ACTIVATIONS = 1 << 18
 # The six conditional networks, inference model first.
 NETWORKS = ("q_z1", "q_y", "q_z2", "p_y", "p_z1", "p_x")
 SPEC_FIELDS = tuple(name for name, *_ in ModelSpec.fields())
@@ -382,13 +385,41 @@ class CaGeM(keras.Model):
         q_z1 = self.q_z1.distribution([x], training=training, collect=collect)
         z1 = self._draw(q_z1, seed_z1, [S], row_independent)                     # [S,B,d1]
         log_q_c = tf.nn.log_softmax(self.q_y([z1, x], training=training, collect=collect))
-        q_z2 = self.q_z2.distribution(self.q_z2_inputs(self.clusters(2), z1, x),
-                                      training=training, collect=collect)       # [K,S,B]
-        z2 = self._draw(q_z2, seed_z2, row_independent=row_independent)          # [K,S,B,d2]
-        log_p_y = tf.nn.log_softmax(self.p_y([z2], training=training, collect=collect))
+
+        def all_classes():
+            q_z2 = self.q_z2.distribution(self.q_z2_inputs(self.clusters(2), z1, x),
+                                          training=training, collect=collect)   # [K,S,B]
+            z2 = self._draw(q_z2, seed_z2, row_independent=row_independent)      # [K,S,B,d2]
+            return tf.nn.log_softmax(self.p_y([z2], training=training, collect=collect))
+
+        if row_independent and not training:
+            # Large batches one class at a time (the same values): see `_cascade_by_class`.
+            rows = self.num_clusters * (tf.size(z1) // self.spec.z1_dim)             # K S B
+            log_p_y = tf.cond(rows > CACHED_ACTIVATIONS // max(self.spec.hidden_upper),
+                              lambda: self._cascade_by_class(z1, x, seed_z2), all_classes)
+        else:
+            log_p_y = all_classes()                                               # [K,S,B,K]
         log_q_c_first = tf.transpose(log_q_c, [2, 0, 1])[..., None]             # [K(c),S,B,1]
         log_p_cascade = tf.reduce_logsumexp(log_q_c_first + log_p_y, axis=0)    # [S,B,K]
         return objective.log_mean_exp(log_q_c), objective.log_mean_exp(log_p_cascade)
+
+    def _cascade_by_class(self, z1, x, seed):
+        """log p(y|z2^c) [K(c),S,B,K] in inference, with z2^c = mu_c + sigma_c eps_c and the
+        draws eps [K,S,1,d2] of `_draw(..., row_independent=True)`: the same values, one class c
+        at a time. The projection of (z1, x) in q(z2|x,y,z1) is computed once for all classes;
+        a class's activations [S,B,H] stay in the cache where those of all K classes at once
+        [K,S,B,H] do not (serving's `classify`, docs/performance.md)."""
+        eps = tf.random.stateless_normal(
+            tf.stack([self.num_clusters, tf.shape(z1)[0], 1, self.spec.z2_dim]), seed)
+        projected = self.q_z2.project(self.q_z2_inputs(None, z1, x))            # [S,B,H]
+        ys = self.clusters(1)                                                    # [K,1,K]
+        log_p_y = []
+        for c in range(self.num_clusters):
+            q_z2 = self.q_z2.distribution(self.q_z2_inputs(ys[c], None, None),
+                                          projected=projected)                  # [S,B]
+            z2 = q_z2.mean() + q_z2.stddev() * eps[c]                            # [S,B,d2]
+            log_p_y.append(tf.nn.log_softmax(self.p_y([z2])))
+        return tf.stack(log_p_y)
 
     def classify(self, x, num_samples: int | None = None, seed=None,
                  row_independent: bool = False):

@@ -1,10 +1,13 @@
 """Shape contracts: batch and event shapes of every distribution, and of the model's methods."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from cagem_tf.model import CACHED_ACTIVATIONS
 from conftest import tiny_cagem
 
 K, D, D1, D2, B, S = 3, 5, 4, 2, 7, 6
@@ -189,6 +192,25 @@ def test_the_row_independent_classifier_answers_a_row_in_a_batch_as_it_answers_i
     # q(y|x) is the same estimator either way (S = 2000 draws: within Monte Carlo noise).
     np.testing.assert_allclose(model.classify(x, 2000, seed, row_independent=True)[1],
                                model.classify(x, 2000, seed)[1], atol=0.05)
+
+
+def test_a_large_batch_classified_one_class_at_a_time_answers_as_all_classes_at_once():
+    """Past `CACHED_ACTIVATIONS` the row-independent cascade runs one class at a time: every
+    row gets the p(y|x) and q(y|x) that small batches (all classes at once) give it, also with
+    batch norm folded."""
+    model = tiny_cagem(num_clusters=K)
+    S, H = model.spec.classifier_samples, max(model.spec.hidden_upper)
+    n, block = CACHED_ACTIVATIONS // (K * S * H) + 1, 64
+    assert K * S * block * H <= CACHED_ACTIVATIONS < K * S * n * H
+    x = tf.constant(np.random.default_rng(1).integers(0, 2, (n, D)), tf.float32)
+    seed = tf.constant([3, 4])
+    for fold in (False, True):
+        with model.folded_batch_norm() if fold else contextlib.nullcontext():
+            large = model.classify(x, seed=seed, row_independent=True)
+            small = [model.classify(x[i:i + block], seed=seed, row_independent=True)
+                     for i in range(0, n, block)]
+        for k, large_k in enumerate(large):
+            np.testing.assert_allclose(large_k, tf.concat([s[k] for s in small], 0), atol=1e-6)
 
 
 def test_batch_norm_folded_into_the_weights_computes_the_same_networks_until_unfolded():

@@ -28,9 +28,10 @@ tfd = tfp.distributions
 # Samples per chunk of the IW bound by estimator, at similar memory: an exact chunk holds K
 # values of y per sample, a sampled one a single value.
 IW_CHUNK = {"exact": 100, "sampled": 500}
-# The cascade's activations [K,S,B,H] (float32) beyond which inference computes it one class at
-# a time: 1 MiB, about a core's L2 cache (faster at N >= 16, slower at N = 1: docs/performance.md).
-CACHED_ACTIVATIONS = 1 << 18
+# The cascade's activations [K,S,B,H] beyond which inference computes it one class per loop
+# iteration: 16 MiB of float32, far past a core's cache (measured on the AMX Xeon: 1.18x at
+# N = 256 with K = S = 10, H = 256; no gain at N <= 128; docs/performance.md).
+CACHED_ACTIVATIONS = 1 << 22
 # The six conditional networks, inference model first.
 NETWORKS = ("q_z1", "q_y", "q_z2", "p_y", "p_z1", "p_x")
 SPEC_FIELDS = tuple(name for name, *_ in ModelSpec.fields())
@@ -393,7 +394,7 @@ class CaGeM(keras.Model):
             return tf.nn.log_softmax(self.p_y([z2], training=training, collect=collect))
 
         if row_independent and not training:
-            # Large batches one class at a time (the same values): see `_cascade_by_class`.
+            # Large batches one class per iteration (the same values): `_cascade_by_class`.
             rows = self.num_clusters * (tf.size(z1) // self.spec.z1_dim)             # K S B
             log_p_y = tf.cond(rows > CACHED_ACTIVATIONS // max(self.spec.hidden_upper),
                               lambda: self._cascade_by_class(z1, x, seed_z2), all_classes)
@@ -406,20 +407,21 @@ class CaGeM(keras.Model):
     def _cascade_by_class(self, z1, x, seed):
         """log p(y|z2^c) [K(c),S,B,K] in inference, with z2^c = mu_c + sigma_c eps_c and the
         draws eps [K,S,1,d2] of `_draw(..., row_independent=True)`: the same values, one class c
-        at a time. The projection of (z1, x) in q(z2|x,y,z1) is computed once for all classes;
-        a class's activations [S,B,H] stay in the cache where those of all K classes at once
-        [K,S,B,H] do not (serving's `classify`, docs/performance.md)."""
+        per iteration of a loop whose iterations run at once. The projection of (z1, x) in
+        q(z2|x,y,z1) is computed once for all classes. Faster for large batches than all
+        [K,S,B,H] activations at once (not when the classes run one after another: measured,
+        serving's `classify`, docs/performance.md)."""
         eps = tf.random.stateless_normal(
             tf.stack([self.num_clusters, tf.shape(z1)[0], 1, self.spec.z2_dim]), seed)
         projected = self.q_z2.project(self.q_z2_inputs(None, z1, x))            # [S,B,H]
-        ys = self.clusters(1)                                                    # [K,1,K]
-        log_p_y = []
-        for c in range(self.num_clusters):
-            q_z2 = self.q_z2.distribution(self.q_z2_inputs(ys[c], None, None),
+
+        def one_class(y_and_eps):
+            y, eps_c = y_and_eps                                                 # [1,K], [S,1,d2]
+            q_z2 = self.q_z2.distribution(self.q_z2_inputs(y, None, None),
                                           projected=projected)                  # [S,B]
-            z2 = q_z2.mean() + q_z2.stddev() * eps[c]                            # [S,B,d2]
-            log_p_y.append(tf.nn.log_softmax(self.p_y([z2])))
-        return tf.stack(log_p_y)
+            return tf.nn.log_softmax(self.p_y([q_z2.mean() + q_z2.stddev() * eps_c]))
+
+        return tf.map_fn(one_class, (self.clusters(1), eps), fn_output_signature=tf.float32)
 
     def classify(self, x, num_samples: int | None = None, seed=None,
                  row_independent: bool = False):

@@ -200,7 +200,7 @@ def test_a_large_batch_classified_one_class_at_a_time_answers_as_all_classes_at_
     batch norm folded."""
     model = tiny_cagem(num_clusters=K)
     S, H = model.spec.classifier_samples, max(model.spec.hidden_upper)
-    n, block = CACHED_ACTIVATIONS // (K * S * H) + 1, 64
+    n, block = CACHED_ACTIVATIONS // (K * S * H) + 1, 1024
     assert K * S * block * H <= CACHED_ACTIVATIONS < K * S * n * H
     x = tf.constant(np.random.default_rng(1).integers(0, 2, (n, D)), tf.float32)
     seed = tf.constant([3, 4])

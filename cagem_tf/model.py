@@ -29,9 +29,9 @@ tfd = tfp.distributions
 # values of y per sample, a sampled one a single value.
 IW_CHUNK = {"exact": 100, "sampled": 500}
 # The cascade's activations [K,S,B,H] beyond which inference computes it one class per loop
-# iteration: 16 MiB of float32, far past a core's cache (measured on the AMX Xeon: 1.18x at
-# N = 256 with K = S = 10, H = 256; no gain at N <= 128; docs/performance.md).
-CACHED_ACTIVATIONS = 1 << 22
+# iteration: 16 MiB of float32 (measured on the AMX Xeon: 1.18x at N = 256 with K = S = 10,
+# H = 256; no gain at N <= 128; docs/performance.md).
+BY_CLASS_ACTIVATIONS = 1 << 22
 # The six conditional networks, inference model first.
 NETWORKS = ("q_z1", "q_y", "q_z2", "p_y", "p_z1", "p_x")
 SPEC_FIELDS = tuple(name for name, *_ in ModelSpec.fields())
@@ -396,7 +396,7 @@ class CaGeM(keras.Model):
         if row_independent and not training:
             # Large batches one class per iteration (the same values): `_cascade_by_class`.
             rows = self.num_clusters * (tf.size(z1) // self.spec.z1_dim)             # K S B
-            log_p_y = tf.cond(rows > CACHED_ACTIVATIONS // max(self.spec.hidden_upper),
+            log_p_y = tf.cond(rows > BY_CLASS_ACTIVATIONS // max(self.spec.hidden_upper),
                               lambda: self._cascade_by_class(z1, x, seed_z2), all_classes)
         else:
             log_p_y = all_classes()                                               # [K,S,B,K]

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from cagem_tf.model import CACHED_ACTIVATIONS
+from cagem_tf.model import BY_CLASS_ACTIVATIONS
 from conftest import tiny_cagem
 
 K, D, D1, D2, B, S = 3, 5, 4, 2, 7, 6
@@ -194,14 +194,14 @@ def test_the_row_independent_classifier_answers_a_row_in_a_batch_as_it_answers_i
                                model.classify(x, 2000, seed)[1], atol=0.05)
 
 
-def test_a_large_batch_classified_one_class_at_a_time_answers_as_all_classes_at_once():
-    """Past `CACHED_ACTIVATIONS` the row-independent cascade runs one class at a time: every
-    row gets the p(y|x) and q(y|x) that small batches (all classes at once) give it, also with
-    batch norm folded."""
+def test_a_large_batch_classified_class_by_class_answers_as_all_classes_at_once():
+    """Past `BY_CLASS_ACTIVATIONS` the row-independent cascade runs one class per loop
+    iteration: every row gets the p(y|x) and q(y|x) that small batches (all classes at once)
+    give it, also with batch norm folded."""
     model = tiny_cagem(num_clusters=K)
     S, H = model.spec.classifier_samples, max(model.spec.hidden_upper)
-    n, block = CACHED_ACTIVATIONS // (K * S * H) + 1, 1024
-    assert K * S * block * H <= CACHED_ACTIVATIONS < K * S * n * H
+    n, block = BY_CLASS_ACTIVATIONS // (K * S * H) + 1, 1024
+    assert K * S * block * H <= BY_CLASS_ACTIVATIONS < K * S * n * H
     x = tf.constant(np.random.default_rng(1).integers(0, 2, (n, D)), tf.float32)
     seed = tf.constant([3, 4])
     for fold in (False, True):

@@ -395,7 +395,7 @@ class CaGeM(keras.Model):
 
         if row_independent and not training:
             # Large batches one class per iteration (the same values): `_cascade_by_class`.
-            rows = self.num_clusters * (tf.size(z1) // self.spec.z1_dim)             # K S B
+            rows = self.num_clusters * tf.reduce_prod(tf.shape(z1)[:-1])             # K S B
             log_p_y = tf.cond(rows > BY_CLASS_ACTIVATIONS // max(self.spec.hidden_upper),
                               lambda: self._cascade_by_class(z1, x, seed_z2), all_classes)
         else:
@@ -413,13 +413,16 @@ class CaGeM(keras.Model):
         serving's `classify`, docs/performance.md)."""
         eps = tf.random.stateless_normal(
             tf.stack([self.num_clusters, tf.shape(z1)[0], 1, self.spec.z2_dim]), seed)
-        projected = self.q_z2.project(self.q_z2_inputs(None, z1, x))            # [S,B,H]
+        # Inference explicitly: batch norm's moving statistics whatever the calling context.
+        inference = {"training": False, "collect": False}
+        projected = self.q_z2.project(self.q_z2_inputs(None, z1, x), **inference)  # [S,B,H]
 
         def one_class(y_and_eps):
             y, eps_c = y_and_eps                                                 # [1,K], [S,1,d2]
             q_z2 = self.q_z2.distribution(self.q_z2_inputs(y, None, None),
-                                          projected=projected)                  # [S,B]
-            return tf.nn.log_softmax(self.p_y([q_z2.mean() + q_z2.stddev() * eps_c]))
+                                          projected=projected, **inference)     # [S,B]
+            z2 = q_z2.mean() + q_z2.stddev() * eps_c                             # [S,B,d2]
+            return tf.nn.log_softmax(self.p_y([z2], **inference))
 
         return tf.map_fn(one_class, (self.clusters(1), eps), fn_output_signature=tf.float32)
 

@@ -29,8 +29,8 @@ tfd = tfp.distributions
 # values of y per sample, a sampled one a single value.
 IW_CHUNK = {"exact": 100, "sampled": 500}
 # The cascade's activations [K,S,B,H] beyond which inference computes it one class per loop
-# iteration: 16 MiB of float32 (measured on the AMX Xeon: 1.18x at N = 256 with K = S = 10,
-# H = 256; no gain at N <= 128; docs/performance.md).
+# iteration: 16 MiB of float32 (measured on the AMX Xeon: 1.24x at N = 256 with K = S = 10,
+# H = 256; a 1 MiB threshold was slower at N = 96-128; docs/performance.md).
 BY_CLASS_ACTIVATIONS = 1 << 22
 # The six conditional networks, inference model first.
 NETWORKS = ("q_z1", "q_y", "q_z2", "p_y", "p_z1", "p_x")
@@ -178,9 +178,15 @@ class CaGeM(keras.Model):
         if not row_independent:
             return dist.sample(sample_shape, seed=seed)
         batch = tf.shape(dist.mean())[:-1]
-        shape = tf.concat([tf.convert_to_tensor(sample_shape, tf.int32), batch[:-1], [1],
-                           tf.shape(dist.mean())[-1:]], 0)
-        return dist.mean() + dist.stddev() * tf.random.stateless_normal(shape, seed)
+        leading = tf.concat([tf.convert_to_tensor(sample_shape, tf.int32), batch[:-1]], 0)
+        return dist.mean() + dist.stddev() * CaGeM._row_noise(
+            leading, tf.shape(dist.mean())[-1], seed)
+
+    @staticmethod
+    def _row_noise(leading, dim, seed):
+        """Standard-normal eps [*leading, 1, dim] of the row-independent draws: one draw for
+        every example, broadcast over the examples' axis B."""
+        return tf.random.stateless_normal(tf.concat([leading, [1], [dim]], 0), seed)
 
     @property
     def reports_bits(self) -> bool:
@@ -411,8 +417,8 @@ class CaGeM(keras.Model):
         q(z2|x,y,z1) is computed once for all classes. Faster for large batches than all
         [K,S,B,H] activations at once (not when the classes run one after another: measured,
         serving's `classify`, docs/performance.md)."""
-        eps = tf.random.stateless_normal(
-            tf.stack([self.num_clusters, tf.shape(z1)[0], 1, self.spec.z2_dim]), seed)
+        eps = self._row_noise(tf.stack([self.num_clusters, tf.shape(z1)[0]]),
+                              self.spec.z2_dim, seed)                         # [K,S,1,d2]
         # Inference explicitly: batch norm's moving statistics whatever the calling context.
         inference = {"training": False, "collect": False}
         projected = self.q_z2.project(self.q_z2_inputs(None, z1, x), **inference)  # [S,B,H]

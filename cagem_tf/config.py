@@ -181,8 +181,11 @@ class Config(ModelSpec):
     lr_decay_epochs: int = _field(50, "Epochs between decays.")
     warmup_epochs: int = _field(100, "Epochs of KL warm-up (temperature linear from 0 to 1); 0 "
                                 "disables it.")
-    seed: int = _field(0, "Seed of the labelled subset, the data order, the initial "
-                       "weights and the model's sampling.")
+    seed: int = _field(0, "Seed of the labelled subset (unless --labels_seed), the data "
+                       "order, the initial weights and the model's sampling.")
+    labels_seed: int = _field(-1, "Seed of the labelled subset alone, so that one subset can "
+                              "be trained from several --seed (or several subsets from one); "
+                              "-1: --seed.")
     model_dir: str = _field("runs/cagem", "Run directory: config, checkpoints, logs, exports.")
     data_dir: str | None = _field(None, "tensorflow-datasets data directory.")
     manual_dir: str | None = _field(None, "Folder with the data set's original files (e.g. the "
@@ -260,6 +263,9 @@ class Config(ModelSpec):
                     "z2_code", "departure_epochs"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"--{key} {getattr(self, key)}: must be 0 or more")
+        if self.labels_seed < -1:
+            raise ConfigError(f"--labels_seed {self.labels_seed}: give a seed >= 0, or -1 "
+                              "for --seed's subset")
         if not self.learning_rate > 0 or not 0 < self.lr_decay <= 1:
             raise ConfigError("--learning_rate must be > 0 and --lr_decay in (0, 1]")
         if not self.beta >= 0 or not self.beta_start >= 0:
@@ -280,6 +286,11 @@ class Config(ModelSpec):
         if self.labels_late and self.strategy != "default":
             raise ConfigError("--pseudo_kmeans unsupervised renames the clusters in one "
                               "process: use --strategy default")
+
+    @property
+    def subset_seed(self) -> int:
+        """The seed that picks the labelled subset: --labels_seed, or --seed when it is -1."""
+        return self.seed if self.labels_seed == -1 else self.labels_seed
 
     @property
     def labels_late(self) -> bool:

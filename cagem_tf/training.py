@@ -65,8 +65,9 @@ def _keep_labelled_subset(labelled, run: rundir.RunDir, resuming: bool) -> None:
     """Saves the run's labelled indices, or checks them against those saved when it began."""
     if resuming and os.path.isfile(run.labelled):
         if files.read_json(run.labelled) != labelled.tolist():
-            raise rundir.RunError(f"{run.labelled} differs from the subset that --seed selects "
-                                  "now (the data set changed?); add --fresh to start over")
+            raise rundir.RunError(f"{run.labelled} differs from the subset that --seed (or "
+                                  "--labels_seed) selects now (the data set changed?); add "
+                                  "--fresh to start over")
     else:
         files.write_json(run.labelled, labelled.tolist())
 
@@ -169,7 +170,7 @@ def train(config: Config, log=print) -> dict:
         raise ConfigError(f"--clusters {clusters}: with labels, the clusters are the "
                               f"{arrays.num_classes} classes; leave --clusters at 0")
     labelled = data.labelled_indices(arrays.y_train, config.labels, arrays.num_classes,
-                                     config.seed)
+                                     config.subset_seed)
     strategy = make_strategy(config.strategy, config.collective_timeout)
 
     if not is_chief(strategy):

@@ -31,6 +31,7 @@ def test_one_width_means_two_layers_and_defaults_are_the_papers():
     ({"pseudo_kmeans": "matched", "labels": 20}, "--pseudo_kmeans matched .* --pseudo_labels"),
     ({"pseudo_kmeans": "unsupervised", "labels": 20, "pseudo_labels": 1.0,
       "strategy": "mirrored"}, "--pseudo_kmeans unsupervised .* --strategy default"),
+    ({"labels_seed": -2}, "--labels_seed -2: give a seed >= 0, or -1"),
 ])
 def test_bad_settings_are_one_line_errors(settings, message):
     with pytest.raises(ConfigError, match=message) as error:

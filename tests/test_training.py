@@ -227,3 +227,26 @@ def test_checkpoints_restore_by_variable_path_and_earlier_positional_ones_still_
     later.checkpoint_to_read(before_path).restore(before_path).assert_existing_objects_matched()
     np.testing.assert_array_equal(later.q_z1.heads[0].kernel.numpy(),
                                   trained.q_z1.heads[0].kernel.numpy())
+
+
+@pytest.mark.e2e  # three short training runs
+def test_labels_seed_picks_the_subset_alone_and_minus_one_means_the_runs_seed(tmp_path):
+    import json
+    import os
+
+    from cagem_tf import training
+    from cagem_tf.config import Config
+    from conftest import clustered_npz
+
+    npz = clustered_npz(tmp_path / "tiny.npz", 6, 300, 30)
+    tiny = dict(dataset=npz, labels=6, hidden_lower=[8], hidden_upper=[8], z1_dim=2, z2_dim=2,
+                batch_size=50, epochs=1, eval_every=0, verbose=0, export_every=0)
+
+    def subset(**seeds):
+        run = str(tmp_path / "_".join(f"{k}{v}" for k, v in seeds.items()))
+        training.train(Config(model_dir=run, **tiny, **seeds), log=lambda m: None)
+        return json.load(open(os.path.join(run, "labelled_indices.json")))
+
+    by_seed_3 = subset(seed=3)
+    assert subset(seed=0, labels_seed=3) == by_seed_3
+    assert subset(seed=0, labels_seed=-1) != by_seed_3

@@ -1,13 +1,17 @@
 """The train step: gradients of the cross-entropies, batch-norm statistics, and learning."""
 
+import json
+import os
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from cagem_tf import CaGeM, objective
+from cagem_tf import CaGeM, data, objective, training
+from cagem_tf.config import Config
 from cagem_tf.model import NOT_IN_POSITIONAL_CHECKPOINTS
-from conftest import tiny_cagem
+from conftest import clustered_npz, tiny_cagem
 
 REPRESENTATION_NETS = ("q_z1", "q_z2", "p_z1", "p_x")
 CLASSIFIER_NETS = ("p_y", "q_y")
@@ -229,16 +233,10 @@ def test_checkpoints_restore_by_variable_path_and_earlier_positional_ones_still_
                                   trained.q_z1.heads[0].kernel.numpy())
 
 
-@pytest.mark.e2e  # three short training runs
-def test_labels_seed_picks_the_subset_alone_and_minus_one_means_the_runs_seed(tmp_path):
-    import json
-    import os
-
-    from cagem_tf import training
-    from cagem_tf.config import Config
-    from conftest import clustered_npz
-
+@pytest.mark.e2e  # two short training runs
+def test_labels_seed_picks_the_labelled_subset_and_minus_one_means_the_runs_seed(tmp_path):
     npz = clustered_npz(tmp_path / "tiny.npz", 6, 300, 30)
+    y_train = np.arange(300) % 3   # clustered_npz's labels
     tiny = dict(dataset=npz, labels=6, hidden_lower=[8], hidden_upper=[8], z1_dim=2, z2_dim=2,
                 batch_size=50, epochs=1, eval_every=0, verbose=0, export_every=0)
 
@@ -247,6 +245,7 @@ def test_labels_seed_picks_the_subset_alone_and_minus_one_means_the_runs_seed(tm
         training.train(Config(model_dir=run, **tiny, **seeds), log=lambda m: None)
         return json.load(open(os.path.join(run, "labelled_indices.json")))
 
-    by_seed_3 = subset(seed=3)
-    assert subset(seed=0, labels_seed=3) == by_seed_3
-    assert subset(seed=0, labels_seed=-1) != by_seed_3
+    chosen_by = {s: data.labelled_indices(y_train, 6, 3, seed=s).tolist() for s in (0, 3)}
+    assert chosen_by[0] != chosen_by[3]
+    assert subset(seed=0, labels_seed=3) == chosen_by[3]
+    assert subset(seed=0, labels_seed=-1) == chosen_by[0]

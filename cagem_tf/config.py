@@ -243,8 +243,14 @@ class Config(ModelSpec):
                             "was drawn for, added through q(z2|x,y,z1) and p(y|z2) only, so "
                             "that z2 carries y and the cascade p(y|x) reads it; annealed to 0 "
                             "over --departure_epochs.")
-    departure_epochs: int = _field(5, "Epochs over which --cluster_usage, --pseudo_labels "
-                                   "and --z2_code fall linearly to 0.")
+    labelled_elbo: float = _field(0.0, "DEPARTURE from the paper: weight of -F(x_l, y_l), the "
+                                  "labelled batch's ELBO with y set to each image's label "
+                                  "(Kingma et al. 2014's labelled term), reaching every "
+                                  "network (the paper lets labels reach p(y|z2) and q(y|z1,x) "
+                                  "only); annealed to 0 over --departure_epochs. Needs "
+                                  "--labels.")
+    departure_epochs: int = _field(5, "Epochs over which --cluster_usage, --pseudo_labels, "
+                                   "--z2_code and --labelled_elbo fall linearly to 0.")
 
 
     LISTS = ("hidden_lower", "hidden_upper", "export_iw_samples")
@@ -260,7 +266,7 @@ class Config(ModelSpec):
                     "export_every", "keep_exports", "validation", "clusters", "labels",
                     "collective_timeout",
                     "clip_norm", "cluster_usage", "pseudo_labels",
-                    "z2_code", "departure_epochs"):
+                    "z2_code", "labelled_elbo", "departure_epochs"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"--{key} {getattr(self, key)}: must be 0 or more")
         if self.labels_seed < -1:
@@ -276,10 +282,12 @@ class Config(ModelSpec):
                               "--beta > 0 and --beta_epochs of 1 or more")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"--strategy {self.strategy}: use one of {', '.join(STRATEGIES)}")
-        if (self.cluster_usage or self.pseudo_labels or self.z2_code) and \
-                self.departure_epochs < 1:
-            raise ConfigError("--cluster_usage, --pseudo_labels and --z2_code are annealed to "
-                              "0: give --departure_epochs of 1 or more")
+        if self.departures and self.departure_epochs < 1:
+            raise ConfigError("--cluster_usage, --pseudo_labels, --z2_code and --labelled_elbo "
+                              "are annealed to 0: give --departure_epochs of 1 or more")
+        if self.labelled_elbo and not self.labels:
+            raise ConfigError("--labelled_elbo is the ELBO of the labelled images: give "
+                              "--labels too")
         if self.pseudo_kmeans != "seeded" and not (self.labels and self.pseudo_labels):
             raise ConfigError(f"--pseudo_kmeans {self.pseudo_kmeans} names k-means clusters "
                               "after labelled classes: give --labels and --pseudo_labels too")
@@ -291,6 +299,12 @@ class Config(ModelSpec):
     def subset_seed(self) -> int:
         """The seed that picks the labelled subset: --labels_seed, or --seed when it is -1."""
         return self.seed if self.labels_seed == -1 else self.labels_seed
+
+    @property
+    def departures(self) -> bool:
+        """Whether an annealed departure from the paper's objective is on."""
+        return bool(self.cluster_usage or self.pseudo_labels or self.z2_code
+                    or self.labelled_elbo)
 
     @property
     def labels_late(self) -> bool:

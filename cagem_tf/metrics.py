@@ -12,9 +12,9 @@ SECTIONS = {
     "clusters": ("batch_usage", "clusters_used", "mutual_information", "mean_entropy",
                  "purity", "nmi", "ari", "h_pseudo", "occupancy", "cluster_by_label"),
     "classifier": ("error_p", "error_q", "error_posterior", "h_p", "h_q", "h_posterior",
-                   "agreement_pq", "cross_entropy_p_y", "h_z2_code"),
+                   "agreement_pq", "cross_entropy_p_y", "h_z2_code", "h_labelled_elbo"),
     "schedule": ("learning_rate", "temperature", "alpha", "usage_weight", "pseudo_weight",
-                 "code_weight"),
+                 "code_weight", "labelled_elbo_weight"),
     "time": ("seconds_per_epoch", "hours_left"),
     "images": ("samples", "class_conditional", "reconstructions"),
 }

@@ -37,7 +37,7 @@ NETWORKS = ("q_z1", "q_y", "q_z2", "p_y", "p_z1", "p_x")
 SPEC_FIELDS = tuple(name for name, *_ in ModelSpec.fields())
 # Variables added after checkpoints were keyed by variable path: a checkpoint of the earlier,
 # positional layout ("weights/<i>") holds all the others, in `weights` order.
-NOT_IN_POSITIONAL_CHECKPOINTS = ("code_weight", "label_weight")
+NOT_IN_POSITIONAL_CHECKPOINTS = ("code_weight", "label_weight", "labelled_elbo_weight")
 
 
 @keras.saving.register_keras_serializable(package="cagem_tf")
@@ -120,12 +120,14 @@ class CaGeM(keras.Model):
                                              name="pseudo_weight")
         self.code_weight = self.add_weight(shape=(), initializer="zeros", trainable=False,
                                            name="code_weight")
+        self.labelled_elbo_weight = self.add_weight(shape=(), initializer="zeros",
+                                                    trainable=False, name="labelled_elbo_weight")
         # alpha as the step sees it: `compile`'s alpha, or a schedule's value on the way to it.
         self.label_weight = self.add_weight(shape=(), initializer="zeros", trainable=False,
                                             name="label_weight")
         self.seed_generator = keras.random.SeedGenerator(seed, name="seed_generator")
         self.alpha = 0.0
-        self.cluster_usage = self.pseudo_labels = self.z2_code = False
+        self.cluster_usage = self.pseudo_labels = self.z2_code = self.labelled_elbo = False
         self.trackers, self.terms = {}, ()
         # Build every variable now, so that compile, checkpoints and exports see them all. The
         # first call of each network gives all its inputs: Keras keeps that call's input specs
@@ -600,34 +602,39 @@ class CaGeM(keras.Model):
     # ----------------------------------------------------------------------------------------
     # Training
     def compile(self, optimizer="adam", alpha: float = 0.0, cluster_usage: bool = False,
-                pseudo_labels: bool = False, z2_code: bool = False, **kwargs):
+                pseudo_labels: bool = False, z2_code: bool = False, labelled_elbo: bool = False,
+                **kwargs):
         """alpha weighs the labelled cross-entropies: see `objective.alpha`.
 
-        cluster_usage, pseudo_labels, z2_code: put the opt-in departures (`objective`'s
-        weighted terms batch_usage, h_pseudo, h_z2_code) in the step; their weights are
-        `usage_weight`, `pseudo_weight` and `code_weight`. The metrics are created here, one
-        `keras.metrics.Mean` per quantity the step so compiled returns, and the optimizer's
-        variables are built (every variable of the model exists already), so that a saved
-        optimizer always has them.
+        cluster_usage, pseudo_labels, z2_code, labelled_elbo: put the opt-in departures
+        (`objective`'s weighted terms batch_usage, h_pseudo, h_z2_code, h_labelled_elbo) in
+        the step; their weights are `usage_weight`, `pseudo_weight`, `code_weight` and
+        `labelled_elbo_weight`. The metrics are created here, one `keras.metrics.Mean` per
+        quantity the step so compiled returns, and the optimizer's variables are built (every
+        variable of the model exists already), so that a saved optimizer always has them.
         """
         super().compile(optimizer=optimizer, **kwargs)
         self.optimizer.build(self.trainable_variables)
         self.alpha = float(alpha)
         self.label_weight.assign(self.alpha)
         self.cluster_usage, self.pseudo_labels = bool(cluster_usage), bool(pseudo_labels)
-        self.z2_code = bool(z2_code)
+        self.z2_code, self.labelled_elbo = bool(z2_code), bool(labelled_elbo)
         self.terms = self._active_terms()
         names = ["loss", "elbo", "log_px", "kl_z1", "kl_z2", "kl_y", "batch_usage"]
         names += ["bits_per_dim"] if self.reports_bits else []
         names += ["h_p", "h_q", "error_p", "error_q", "alpha"] if self.alpha > 0 else []
-        names += ["h_pseudo"] if self.pseudo_labels else []
-        names += ["h_z2_code"] if self.z2_code else []
+        names += [n for n, setting in self.DEPARTURE_METRICS.items() if getattr(self, setting)]
         self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
+
+    # The tracked values of the departures that have one, and the compile setting of each.
+    DEPARTURE_METRICS = {"h_pseudo": "pseudo_labels", "h_z2_code": "z2_code",
+                         "h_labelled_elbo": "labelled_elbo"}
 
     def _active_terms(self) -> tuple:
         """The weighted terms of `objective` the step computes, from the compile settings."""
         active = {"h_labelled": self.alpha > 0, "batch_usage": self.cluster_usage,
-                  "h_pseudo": self.pseudo_labels, "h_z2_code": self.z2_code}
+                  "h_pseudo": self.pseudo_labels, "h_z2_code": self.z2_code,
+                  "h_labelled_elbo": self.labelled_elbo}
         return tuple(t for t in objective.WEIGHTED_TERMS if active[t.name])
 
     def drop_departures(self) -> bool:
@@ -635,11 +642,11 @@ class CaGeM(keras.Model):
         end of their anneal): the step is retraced without their terms, so it computes the
         paper's loss alone, no longer their values and zero-weighted gradients. Returns whether
         there was one to drop."""
-        if not (self.cluster_usage or self.pseudo_labels or self.z2_code):
+        if not (self.cluster_usage or self.pseudo_labels or self.z2_code or self.labelled_elbo):
             return False
-        self.cluster_usage = self.pseudo_labels = self.z2_code = False
+        self.cluster_usage = self.pseudo_labels = self.z2_code = self.labelled_elbo = False
         self.terms = self._active_terms()
-        for name in ("h_pseudo", "h_z2_code"):
+        for name in self.DEPARTURE_METRICS:
             self.trackers.pop(name, None)
         self.make_train_function(force=True)
         return True
@@ -647,7 +654,7 @@ class CaGeM(keras.Model):
     def get_compile_config(self):
         return {"optimizer": keras.optimizers.serialize(self.optimizer), "alpha": self.alpha,
                 "cluster_usage": self.cluster_usage, "pseudo_labels": self.pseudo_labels,
-                "z2_code": self.z2_code}
+                "z2_code": self.z2_code, "labelled_elbo": self.labelled_elbo}
 
     def compile_from_config(self, config):
         """`compile` as it was when the model was saved (a .keras file); the optimizer's state
@@ -697,6 +704,12 @@ class CaGeM(keras.Model):
                 tf.nn.log_softmax(terms["q_y_logits"][0]), data["y_pseudo"])
         if self.z2_code:
             values["h_z2_code"] = objective.z2_code(terms)
+        if self.labelled_elbo and "x_labelled" in data:
+            # A second seed for the labelled pass's own draws; BN statistics not collected.
+            labelled = self.latent_terms(data["x_labelled"], seed=tfp.random.split_seed(
+                seed_l, n=2)[1], training=True, collect=False)
+            values["h_labelled_elbo"] = -tf.reduce_mean(objective.labelled_elbo(
+                labelled, data["y_labelled"], self.temperature))
         return values
 
     def train_step(self, data):

@@ -24,6 +24,9 @@ model's scalar variables (moved by a schedule) and reaching only the variables o
   h_pseudo     pseudo_weight  classifiers  +1    DEPARTURE: -log q(y'|z1,x) for the k-means
                                                  label y' of each unlabelled image
   h_z2_code    code_weight    code         +1    DEPARTURE: `z2_code`
+  h_labelled_elbo  labelled_elbo_weight  all  +1  DEPARTURE: -F(x_l, y_l), the labelled batch's
+                                                 ELBO with y set to its label
+                                                 (`labelled_elbo`)
 """
 
 import collections
@@ -37,6 +40,7 @@ WEIGHTED_TERMS = (
     WeightedTerm("batch_usage", "usage_weight", "all", -1.0),
     WeightedTerm("h_pseudo", "pseudo_weight", "classifiers", +1.0),
     WeightedTerm("h_z2_code", "code_weight", "code", +1.0),
+    WeightedTerm("h_labelled_elbo", "labelled_elbo_weight", "all", +1.0),
 )
 
 
@@ -145,6 +149,26 @@ def z2_code(terms):
     clusters. Scalar."""
     q_y, _ = _over_y(terms["q_y_logits"])
     return tf.reduce_mean(tf.reduce_sum(tf.stop_gradient(q_y) * -terms["log_p_y"], axis=0))
+
+
+def labelled_elbo(terms, labels, temperature=1.0):
+    """The ELBO of each labelled example with y fixed to its label l (Kingma et al. 2014's
+    labelled term, for CaGeM), under the KL warm-up; [B]:
+
+    F(x,l) = E_q(z1|x) E_q(z2|x,l,z1)[ log p(x|l,z1) + log p(z1|l,z2) + log p(l|z2) + log p(z2)
+             - log q(z1|x) - log q(z2|x,l,z1) ]
+           = log p(x|l,z1) - T (log q(z1|x) - log p(z1|l,z2^l) - log p(l|z2^l) + KL[q(z2|x,l,z1)||p(z2)]),
+    the KL of z2 analytic, averaged over the S samples. q(y|z1,x) does not enter it.
+    `terms` are `CaGeM.latent_terms` of the labelled batch, `labels` int [B]."""
+    one_hot = tf.transpose(tf.one_hot(tf.cast(labels, tf.int32),
+                                      tf.shape(terms["log_p_x"])[0]))[:, None, :]  # [K,1,B]
+
+    def at_label(t):  # [K,S,B] -> [S,B], the branch y = label of each example
+        return tf.reduce_sum(one_hot * t, axis=0)
+
+    kl = (terms["log_q_z1"] - at_label(terms["log_p_z1"]) - at_label(terms["log_p_y"])
+          + at_label(terms["kl_z2"]))
+    return tf.reduce_mean(at_label(terms["log_p_x"]) - temperature * kl, axis=0)
 
 
 def labelled_terms(log_p, log_q, labels):

@@ -57,7 +57,8 @@ def build_model(config: Config, image_shape, num_clusters: int, alpha: float,
     clip = {"global_clipnorm": config.clip_norm} if config.clip_norm > 0 else {}
     model.compile(optimizer.Adam(config.learning_rate, **clip), alpha=alpha,
                   cluster_usage=config.cluster_usage > 0,
-                  pseudo_labels=config.pseudo_labels > 0, z2_code=config.z2_code > 0)
+                  pseudo_labels=config.pseudo_labels > 0, z2_code=config.z2_code > 0,
+                  labelled_elbo=config.labelled_elbo > 0)
     return model
 
 
@@ -80,7 +81,8 @@ def schedules(config: Config, model: CaGeM) -> list:
     moved = [callbacks.KLWarmup(model.temperature, config.warmup_epochs),
              callbacks.Anneal(model.usage_weight, config.cluster_usage, epochs),
              callbacks.Anneal(model.pseudo_weight, config.pseudo_labels, epochs),
-             callbacks.Anneal(model.code_weight, config.z2_code, epochs)]
+             callbacks.Anneal(model.code_weight, config.z2_code, epochs),
+             callbacks.Anneal(model.labelled_elbo_weight, config.labelled_elbo, epochs)]
     # "unsupervised" naming: no labelled term until the departure ends, then beta's schedule.
     begin = epochs if config.labels_late else 0
     if config.beta_start or begin:
@@ -99,7 +101,7 @@ def _callbacks(config: Config, run: rundir.RunDir, model, checkpoint, stop, arra
     moved = schedules(config, model)
     fit_callbacks = [stop, *moved, keras.callbacks.LearningRateScheduler(decay),
                      keras.callbacks.TerminateOnNaN(), checkpoint]
-    if config.cluster_usage or config.pseudo_labels or config.z2_code:
+    if config.departures:
         fit_callbacks.insert(1 + len(moved), callbacks.DropDepartures(config.departure_epochs,
                                                                       log if chief else None))
     if config.labels_late:

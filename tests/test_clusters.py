@@ -339,3 +339,49 @@ def test_labels_late_name_the_clusters_once_at_the_end_of_the_departure():
     late = callbacks.NameClusters(2, x[:4], labels, 2, seed=0, log=said.append)
     model.fit(data, initial_epoch=4, epochs=5, steps_per_epoch=1, verbose=0, callbacks=[late])
     assert late.order is None and len(said) == 1
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_the_labelled_elbo_summed_over_y_by_q_with_its_entropy_is_the_unlabelled_elbo(temperature):
+    """With one sample of z1, F(x) = sum_y q(y|z1,x) F(x,y) + T H(q(y|z1,x)) for the warmed-up
+    objective: F(x,y) is the ELBO of x with y given, drawn from the same z1 and z2^y."""
+    model = tiny_cagem(num_clusters=3)
+    x = (np.random.default_rng(0).random((8, 5)) < 0.5).astype(np.float32)
+    terms = model.latent_terms(x, 1, seed=tf.constant([3, 4]))
+    per_y = np.stack([objective.labelled_elbo(terms, np.full(8, y), temperature).numpy()
+                      for y in range(3)])                                        # [K,B]
+    q = tf.nn.softmax(terms["q_y_logits"][0]).numpy().T                         # [K,B]
+    entropy = -np.sum(q * np.log(q), axis=0)
+    expected = np.sum(q * per_y, axis=0) + temperature * entropy
+    np.testing.assert_allclose(objective.elbo(terms, temperature)["objective"].numpy(),
+                               expected, rtol=1e-5, atol=1e-5)
+    # Each example's own label picks its branch.
+    labels = np.arange(8) % 3
+    np.testing.assert_allclose(objective.labelled_elbo(terms, labels, temperature).numpy(),
+                               per_y[labels, np.arange(8)], rtol=1e-6)
+
+
+def test_the_labelled_elbo_departure_trains_every_network_but_q_y_and_is_the_papers_step_at_0():
+    rng = np.random.default_rng(0)
+    x = (rng.random((8, 5)) < 0.5).astype(np.float32)
+    data = {"x": x, "x_labelled": x[:6], "y_labelled": np.arange(6) % 3}
+    with_term, without = tiny_cagem(num_clusters=3), tiny_cagem(num_clusters=3)
+    with_term.compile(keras.optimizers.SGD(0.1), alpha=1.0, labelled_elbo=True)
+    without.compile(keras.optimizers.SGD(0.1), alpha=1.0)
+    assert float(with_term.labelled_elbo_weight) == 0.0  # what the anneal leaves
+    out_a, out_b = with_term.train_step(data), without.train_step(data)
+    assert float(out_a["loss"]) == pytest.approx(float(out_b["loss"]))
+    assert "h_labelled_elbo" in out_a and "h_labelled_elbo" not in out_b
+    for va, vb in zip(with_term.trainable_variables, without.trainable_variables):
+        np.testing.assert_allclose(va.numpy(), vb.numpy(), atol=1e-6)
+    # At a large weight the term moves every network but q(y|z1,x), which it does not read.
+    a, b = tiny_cagem(num_clusters=3), tiny_cagem(num_clusters=3)
+    for m in (a, b):
+        m.compile(keras.optimizers.SGD(0.1), alpha=1.0, labelled_elbo=True)
+    a.labelled_elbo_weight.assign(50.0)
+    a.train_step(data)
+    b.train_step(data)
+    differ = {va.path.split("/")[0] for va, vb in zip(a.trainable_variables,
+                                                      b.trainable_variables)
+              if not np.allclose(va.numpy(), vb.numpy(), atol=1e-6)}
+    assert differ == {"q_z1", "q_z2", "p_y", "p_z1", "p_x"}

@@ -32,6 +32,8 @@ def test_one_width_means_two_layers_and_defaults_are_the_papers():
     ({"pseudo_kmeans": "unsupervised", "labels": 20, "pseudo_labels": 1.0,
       "strategy": "mirrored"}, "--pseudo_kmeans unsupervised .* --strategy default"),
     ({"labels_seed": -2}, "--labels_seed -2: give a seed >= 0, or -1"),
+    ({"labelled_elbo": 1.0}, "--labelled_elbo .* give --labels"),
+    ({"labelled_elbo": -1.0, "labels": 20}, "--labelled_elbo -1.0: must be 0 or more"),
 ])
 def test_bad_settings_are_one_line_errors(settings, message):
     with pytest.raises(ConfigError, match=message) as error:
@@ -48,7 +50,7 @@ def test_an_earlier_config_json_still_reads_and_an_unknown_key_is_refused(tmp_pa
     earlier = {k: v for k, v in Config(labels=20).to_dict().items()
                if k not in ("clip_norm", "y_init_stddev", "shared_noise", "cluster_usage",
                             "pseudo_labels", "departure_epochs", "keep_exports",
-                            "pseudo_kmeans")}
+                            "pseudo_kmeans", "labelled_elbo")}
     earlier["test_binarization"] = "fixed"
     path = tmp_path / "config.json"
     path.write_text(json.dumps(earlier))

@@ -91,13 +91,13 @@ def test_alpha_and_cross_entropy():
 def test_training_losses_put_each_weighted_term_in_its_group_with_its_sign():
     values = {"objective": tf.constant(3.0), "h_labelled": tf.constant(2.0),
               "batch_usage": tf.constant(0.5), "h_pseudo": tf.constant(1.0),
-              "h_z2_code": tf.constant(4.0)}
+              "h_z2_code": tf.constant(4.0), "h_labelled_elbo": tf.constant(7.0)}
     weights = {"label_weight": 10.0, "usage_weight": 2.0, "pseudo_weight": 3.0,
-               "code_weight": 0.5}
+               "code_weight": 0.5, "labelled_elbo_weight": 0.25}
     losses = {k: float(v) for k, v in objective.training_losses(values, weights).items()}
-    # The ELBO and the usage bonus train everything; alpha (H_p + H_q) and the pseudo-labels
-    # the classifiers; the z2 code q(z2|x,y,z1) and p(y|z2).
-    assert losses == {"all": -3.0 - 2.0 * 0.5, "classifiers": 10.0 * 2.0 + 3.0 * 1.0,
-                      "code": 0.5 * 4.0}
+    # The ELBO, the usage bonus and the labelled ELBO train everything; alpha (H_p + H_q) and
+    # the pseudo-labels the classifiers; the z2 code q(z2|x,y,z1) and p(y|z2).
+    assert losses == {"all": -3.0 - 2.0 * 0.5 + 0.25 * 7.0,
+                      "classifiers": 10.0 * 2.0 + 3.0 * 1.0, "code": 0.5 * 4.0}
     assert {k: float(v) for k, v in objective.training_losses(values, weights, ()).items()} \
         == {"all": -3.0}

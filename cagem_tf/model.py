@@ -626,7 +626,8 @@ class CaGeM(keras.Model):
         names += [n for n, setting in self.DEPARTURE_METRICS.items() if getattr(self, setting)]
         self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
 
-    # The tracked values of the departures that have one, and the compile setting of each.
+    # The compile settings of the opt-in departures, and the tracked value of each that has one.
+    DEPARTURES = ("cluster_usage", "pseudo_labels", "z2_code", "labelled_elbo")
     DEPARTURE_METRICS = {"h_pseudo": "pseudo_labels", "h_z2_code": "z2_code",
                          "h_labelled_elbo": "labelled_elbo"}
 
@@ -642,9 +643,10 @@ class CaGeM(keras.Model):
         end of their anneal): the step is retraced without their terms, so it computes the
         paper's loss alone, no longer their values and zero-weighted gradients. Returns whether
         there was one to drop."""
-        if not (self.cluster_usage or self.pseudo_labels or self.z2_code or self.labelled_elbo):
+        if not any(getattr(self, name) for name in self.DEPARTURES):
             return False
-        self.cluster_usage = self.pseudo_labels = self.z2_code = self.labelled_elbo = False
+        for name in self.DEPARTURES:
+            setattr(self, name, False)
         self.terms = self._active_terms()
         for name in self.DEPARTURE_METRICS:
             self.trackers.pop(name, None)

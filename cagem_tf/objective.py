@@ -157,7 +157,8 @@ def labelled_elbo(terms, labels, temperature=1.0):
 
     F(x,l) = E_q(z1|x) E_q(z2|x,l,z1)[ log p(x|l,z1) + log p(z1|l,z2) + log p(l|z2) + log p(z2)
              - log q(z1|x) - log q(z2|x,l,z1) ]
-           = log p(x|l,z1) - T (log q(z1|x) - log p(z1|l,z2^l) - log p(l|z2^l) + KL[q(z2|x,l,z1)||p(z2)]),
+           = log p(x|l,z1) - T (log q(z1|x) - log p(z1|l,z2^l) - log p(l|z2^l)
+                                + KL[q(z2|x,l,z1)||p(z2)]),
     the KL of z2 analytic, averaged over the S samples. q(y|z1,x) does not enter it.
     `terms` are `CaGeM.latent_terms` of the labelled batch, `labels` int [B]."""
     one_hot = tf.transpose(tf.one_hot(tf.cast(labels, tf.int32),

@@ -159,9 +159,6 @@ def train(config: Config, log=print) -> dict:
     Raises data.DataError, rundir.RunError for bad input (before anything is written) and
     TrainingError when the loss turns NaN or inf.
     """
-    # First: TensorFlow's global seed also enters tf.data's shuffles, and the initial weights
-    # come from it, so one seed repeats a run, in a new process or the same one.
-    keras.utils.set_random_seed(config.seed)
     warning = cpu.precision_warning(config.precision)
     if warning:
         log(warning)
@@ -232,6 +229,11 @@ def _train(config: Config, arrays, labelled, clusters: int, strategy, log,
             pseudo = (clustering.matched_kmeans(x, labelled, classes, clusters, config.seed)
                       if config.pseudo_kmeans == "matched" else
                       clustering.seeded_kmeans(x, labelled, classes, clusters))
+    # The global seeds (TensorFlow's enters tf.data's shuffles; Keras draws the initial weights'
+    # seeds from Python's random) are set here, after the data are loaded: preparing a tfds
+    # data set draws from Python's random, and one seed must repeat a run whether or not its
+    # data set was prepared first, in a new process or the same one.
+    keras.utils.set_random_seed(config.seed)
     streams = data.streams(arrays, labelled, config.batch_size, config.labelled_batch_size,
                            config.seed, pseudo_labels=pseudo, likelihood=config.likelihood)
     alpha = objective.alpha(config.beta, streams.num_unlabelled, streams.num_labelled)

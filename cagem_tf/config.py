@@ -16,6 +16,10 @@ from cagem_tf.files import UserError
 
 PSEUDO_KMEANS = ("seeded", "matched", "unsupervised")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+# The opt-in departures from the paper's objective, each annealed to 0 over --departure_epochs:
+# {setting: the weighted term of `objective` it adds}.
+DEPARTURES = {"cluster_usage": "batch_usage", "pseudo_labels": "h_pseudo",
+              "z2_code": "h_z2_code", "labelled_elbo": "h_labelled_elbo"}
 PRECISIONS = ("float32", "mixed_bfloat16")
 LIKELIHOODS = ("bernoulli", "discretized_logistic")
 ARCHITECTURES = ("mlp", "conv")
@@ -303,8 +307,7 @@ class Config(ModelSpec):
     @property
     def departures(self) -> bool:
         """Whether an annealed departure from the paper's objective is on."""
-        return bool(self.cluster_usage or self.pseudo_labels or self.z2_code
-                    or self.labelled_elbo)
+        return any(getattr(self, setting) for setting in DEPARTURES)
 
     @property
     def labels_late(self) -> bool:

@@ -20,7 +20,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from cagem_tf import objective
-from cagem_tf.config import ModelSpec
+from cagem_tf.config import DEPARTURES, ModelSpec
 from cagem_tf.networks import LIKELIHOODS, CategoricalNet, GaussianNet
 
 tfd = tfp.distributions
@@ -601,6 +601,9 @@ class CaGeM(keras.Model):
 
     # ----------------------------------------------------------------------------------------
     # Training
+    # What every training step returns and tracks, a departure compiled in or not.
+    TRACKED = ("loss", "elbo", "log_px", "kl_z1", "kl_z2", "kl_y", "batch_usage")
+
     def compile(self, optimizer="adam", alpha: float = 0.0, cluster_usage: bool = False,
                 pseudo_labels: bool = False, z2_code: bool = False, labelled_elbo: bool = False,
                 **kwargs):
@@ -620,22 +623,17 @@ class CaGeM(keras.Model):
         self.cluster_usage, self.pseudo_labels = bool(cluster_usage), bool(pseudo_labels)
         self.z2_code, self.labelled_elbo = bool(z2_code), bool(labelled_elbo)
         self.terms = self._active_terms()
-        names = ["loss", "elbo", "log_px", "kl_z1", "kl_z2", "kl_y", "batch_usage"]
+        names = list(self.TRACKED)
         names += ["bits_per_dim"] if self.reports_bits else []
         names += ["h_p", "h_q", "error_p", "error_q", "alpha"] if self.alpha > 0 else []
-        names += [n for n, setting in self.DEPARTURE_METRICS.items() if getattr(self, setting)]
+        names += [term for setting, term in DEPARTURES.items()
+                  if getattr(self, setting) and term not in names]
         self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
-
-    # The compile settings of the opt-in departures, and the tracked value of each that has one.
-    DEPARTURES = ("cluster_usage", "pseudo_labels", "z2_code", "labelled_elbo")
-    DEPARTURE_METRICS = {"h_pseudo": "pseudo_labels", "h_z2_code": "z2_code",
-                         "h_labelled_elbo": "labelled_elbo"}
 
     def _active_terms(self) -> tuple:
         """The weighted terms of `objective` the step computes, from the compile settings."""
-        active = {"h_labelled": self.alpha > 0, "batch_usage": self.cluster_usage,
-                  "h_pseudo": self.pseudo_labels, "h_z2_code": self.z2_code,
-                  "h_labelled_elbo": self.labelled_elbo}
+        active = {"h_labelled": self.alpha > 0,
+                  **{term: getattr(self, setting) for setting, term in DEPARTURES.items()}}
         return tuple(t for t in objective.WEIGHTED_TERMS if active[t.name])
 
     def drop_departures(self) -> bool:
@@ -643,20 +641,19 @@ class CaGeM(keras.Model):
         end of their anneal): the step is retraced without their terms, so it computes the
         paper's loss alone, no longer their values and zero-weighted gradients. Returns whether
         there was one to drop."""
-        if not any(getattr(self, name) for name in self.DEPARTURES):
+        if not any(getattr(self, setting) for setting in DEPARTURES):
             return False
-        for name in self.DEPARTURES:
-            setattr(self, name, False)
+        for setting, term in DEPARTURES.items():
+            setattr(self, setting, False)
+            if term not in self.TRACKED:
+                self.trackers.pop(term, None)
         self.terms = self._active_terms()
-        for name in self.DEPARTURE_METRICS:
-            self.trackers.pop(name, None)
         self.make_train_function(force=True)
         return True
 
     def get_compile_config(self):
         return {"optimizer": keras.optimizers.serialize(self.optimizer), "alpha": self.alpha,
-                "cluster_usage": self.cluster_usage, "pseudo_labels": self.pseudo_labels,
-                "z2_code": self.z2_code, "labelled_elbo": self.labelled_elbo}
+                **{setting: getattr(self, setting) for setting in DEPARTURES}}
 
     def compile_from_config(self, config):
         """`compile` as it was when the model was saved (a .keras file); the optimizer's state

@@ -124,18 +124,21 @@ def test_once_annealed_out_the_departures_leave_the_step_which_is_then_the_paper
     value."""
     x = (np.random.default_rng(0).random((16, 5)) < 0.5).astype(np.float32)
     y = np.arange(16) % 2
-    data = tf.data.Dataset.from_tensors({"x": x, "y_pseudo": y}).repeat()
+    data = tf.data.Dataset.from_tensors({"x": x, "y_pseudo": y, "x_labelled": x[:4],
+                                         "y_labelled": y[:4]}).repeat()
     with_terms, without = tiny_cagem(num_clusters=2), tiny_cagem(num_clusters=2)
     with_terms.compile(keras.optimizers.SGD(0.1), cluster_usage=True, pseudo_labels=True,
-                       z2_code=True)
+                       z2_code=True, labelled_elbo=True)
     without.compile(keras.optimizers.SGD(0.1))
     anneals = [callbacks.Anneal(getattr(with_terms, w), 1.0, epochs=1)
-               for w in ("usage_weight", "pseudo_weight", "code_weight")]
+               for w in ("usage_weight", "pseudo_weight", "code_weight",
+                         "labelled_elbo_weight")]
     said = []
     history = with_terms.fit(data, epochs=3, steps_per_epoch=2, verbose=0,
                              callbacks=[*anneals, callbacks.DropDepartures(1, said.append)])
     # The departures' values are logged for the first epoch only.
     assert len(history.history["h_pseudo"]) == len(history.history["h_z2_code"]) == 1
+    assert len(history.history["h_labelled_elbo"]) == 1
     assert len(history.history["elbo"]) == 3 and len(said) == 1 and "epoch 2" in said[0]
     assert not with_terms.drop_departures()  # once
     # Both from the same weights on: one more epoch each.

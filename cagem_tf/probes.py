@@ -6,10 +6,11 @@ input badly, or does a draw of z2 carry little of the class? Codes of images x:
   "mean"  z1* = E_q(z1|x)[z1],  c* = argmax_c q(c|z1*,x),  z2 = E_q(z2|x,c*,z1*)[z2]
   "draw"  z1 ~ q(z1|x),  c ~ q(c|z1,x),  z2 ~ q(z2|x,c,z1)  (what p(y|z2) sees in the ELBO)
 A probe is a classifier (softmax regression, or one hidden ReLU layer) fitted to the codes of
-training images with all their labels and scored on test images: a bound on what a network of
-its size can read from those codes, using labels the model never saw. p(y|z2) at a draw
-against a probe on draws says how well p(y|z2) reads what is there; a probe on draws against
-one on means, how much the draw's noise hides.
+training images with all their labels and scored on test images: a reference for what a
+network of its size, given labels the model never saw and a short fit, reads from those codes
+(not a bound: p(y|z2), fitted to many more draws, can read them better). A probe on draws
+against one on means says how much the draw's noise hides; p(y|z2) at a draw against a probe
+on draws, whether p(y|z2) reads what is there.
 
 `refit_p_y` trains p(y|z2) alone on the ELBO, every other network fixed: the paper's
 objective's unlabelled part, maximised over theta_y only, so what it gains is how far p(y|z2)

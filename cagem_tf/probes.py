@@ -109,7 +109,7 @@ def study(model_dir: str, train_images: int = 20000, test_images: int = 1000, dr
     the cascade, of q(y|x) and of p(y|z2) at one code; probes (softmax regression and `hidden`
     units, `probe_steps` steps each) on mean codes of z1 and z2 and on `draws` draws of z2 per
     training image; with `refit_steps`, the cascade and the ELBO (on the test images) after
-    `refit_p_y`."""
+    `refit_p_y` (of the model in memory: nothing in the run directory changes)."""
     model = rundir.load_model(model_dir)
     config, x_test, y_test, num_classes = rundir.evaluation_images(model_dir, test_images,
                                                                    log=lambda m: None)

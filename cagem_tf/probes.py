@@ -29,23 +29,23 @@ CODES = ("mean", "draw")
 
 def codes(model, x, kind: str, seed: int = 0, batch_size: int = 500) -> dict:
     """Codes of images x [N,...] (`kind`: see the module docstring) and p(y|z2) at them:
-    {"z1": [N,d1], "z2": [N,d2], "c": [N] (the cluster z2 was drawn for), "p_y": [N,K]}."""
+    {"z1": [N,d1], "z2": [N,d2], "c": [N] (the cluster z2 was drawn for), "p_y": [N,K]}.
+    Only the inference networks on the way to z2 run, and q(z2|x,c,z1) for that c alone."""
     if kind not in CODES:
         raise ValueError(f"kind {kind!r}: use one of {', '.join(CODES)}")
+    mean = kind == "mean"
     out = {"z1": [], "z2": [], "c": [], "p_y": []}
     for index, start in enumerate(range(0, len(x), batch_size)):
         xb = model.flatten(x[start:start + batch_size])
-        if kind == "mean":
-            z1, _ = model.q_z1([xb])                                              # [B,d1]
-            c = tf.argmax(model.q_y([z1, xb]), -1, output_type=tf.int32)
-            z2_all, _ = model.q_z2(model.q_z2_inputs(model.clusters(1), z1, xb))  # [K,B,d2]
-        else:
-            seeds = tfp.random.split_seed(tf.constant([seed, index]), n=2)
-            terms = model.latent_terms(xb, 1, seed=seeds[0])
-            z1, z2_all = terms["z1"][0], terms["z2"][:, 0]                        # [B,d1], [K,B,d2]
-            c = tf.random.stateless_categorical(terms["q_y_logits"][0], 1, seeds[1],
-                                                dtype=tf.int32)[:, 0]
-        z2 = tf.gather(tf.transpose(z2_all, [1, 0, 2]), c, batch_dims=1)         # [B,d2]
+        seed_z1, seed_c, seed_z2 = tfp.random.split_seed(tf.constant([seed, index]), n=3)
+        q_z1 = model.q_z1.distribution([xb])                                     # batch [B]
+        z1 = q_z1.mean() if mean else q_z1.sample(seed=seed_z1)                  # [B,d1]
+        logits = model.q_y([z1, xb])                                              # [B,K]
+        c = (tf.argmax(logits, -1, output_type=tf.int32) if mean else
+             tf.random.stateless_categorical(logits, 1, seed_c, dtype=tf.int32)[:, 0])
+        q_z2 = model.q_z2.distribution(model.q_z2_inputs(
+            tf.one_hot(c, model.num_clusters), z1, xb))                           # batch [B]
+        z2 = q_z2.mean() if mean else q_z2.sample(seed=seed_z2)                  # [B,d2]
         for key, value in (("z1", z1), ("z2", z2), ("c", c),
                            ("p_y", tf.nn.softmax(model.p_y([z2])))):
             out[key].append(value.numpy())
@@ -122,7 +122,8 @@ def study(model_dir: str, train_images: int = 20000, test_images: int = 1000, dr
     x_train = data.observed(raw_train, config.likelihood, config.seed)
     log(f"{model_dir}: {len(x_train)} training and {len(x_test)} test images")
     results = {"train_images": len(x_train), "test_images": len(x_test), "hidden": hidden,
-               "draws": draws, **_errors(model, x_test, y_test, seed)}
+               "draws": draws, "classifier_samples": model.spec.classifier_samples,
+               **_errors(model, x_test, y_test, seed)}
     train = {"mean": codes(model, x_train, "mean", seed)}
     test = {"mean": codes(model, x_test, "mean", seed), "draw": codes(model, x_test, "draw", seed)}
     drawn = [codes(model, x_train, "draw", seed + 1 + d) for d in range(draws)]
@@ -147,11 +148,11 @@ def study(model_dir: str, train_images: int = 20000, test_images: int = 1000, dr
 
 def markdown(results) -> str:
     """`study`'s results as Markdown: one table of test errors."""
-    h = results["hidden"]
+    h, s = results["hidden"], results["classifier_samples"]
     probes = results["probes"]
     rows = [
-        ("q(y\\|x) (10 draws of z1)", results["error_q"]),
-        ("the cascade p(y\\|x) (10 draws of z1, a z2 per class)", results["error_cascade"]),
+        (f"q(y\\|x) ({s} draws of z1)", results["error_q"]),
+        (f"the cascade p(y\\|x) ({s} draws of z1, a z2 per class)", results["error_cascade"]),
         ("p(y\\|z2) at the mean code", results["error_p_y_mean"]),
         ("p(y\\|z2) at one draw", results["error_p_y_draw"]),
         ("probe, softmax regression, z1 mean", probes["z1_mean_0"]),

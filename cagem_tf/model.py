@@ -28,6 +28,9 @@ tfd = tfp.distributions
 # Samples per chunk of the IW bound by estimator, at similar memory: an exact chunk holds K
 # values of y per sample, a sampled one a single value.
 IW_CHUNK = {"exact": 100, "sampled": 500}
+# Importance samples of the model's own p(y|x) in evaluations and in the exported
+# classify_posterior, so that the served classifier is the one the evaluations measure.
+POSTERIOR_SAMPLES = 100
 # The cascade's activations [K,S,B,H] beyond which inference computes it one class per loop
 # iteration: 16 MiB of float32 (measured on the AMX Xeon: 1.24x at N = 256 with K = S = 10,
 # H = 256; a 1 MiB threshold was slower at N = 96-128; docs/performance.md).
@@ -354,8 +357,8 @@ class CaGeM(keras.Model):
         _, acc = tf.while_loop(lambda i, _: i < num_chunks, body, (tf.constant(0), acc))
         return acc
 
-    def posterior_log_probs(self, x, num_samples: int = 100, chunk_size: int = 100,
-                            seed=None):
+    def posterior_log_probs(self, x, num_samples: int = POSTERIOR_SAMPLES,
+                            chunk_size: int = 100, seed=None, row_independent: bool = False):
         """log p(y|x) [B,K] of the generative model itself, by importance sampling:
 
         p(x,y) = E_q(z1|x) q(z2|x,y,z1)[ p(x,y,z1,z2) / (q(z1|x) q(z2|x,y,z1)) ],
@@ -363,13 +366,15 @@ class CaGeM(keras.Model):
         each estimated with the S samples of the exact IW bound (`objective.iw_log_weights`
         before its sum over y): consistent as S grows. Unlike the cascade of
         `class_log_probs`, which reads y from z2 through p(y|z2) alone, it weighs every y by
-        how well p(x|y,z1) p(z1|y,z2) p(y|z2) explain x.
+        how well p(x|y,z1) p(z1|y,z2) p(y|z2) explain x. `row_independent`: every example gets
+        the same draws (see `latent_terms`), so that its p(y|x) does not depend on the batch.
         """
         parts = self.x_parts(x)
         chunk_size = min(chunk_size, self.max_iw_chunk)
 
         def log_weights(chunk, chunk_seed):                                        # [C,K,B]
-            terms = self.latent_terms(parts["x"], chunk, chunk_seed, x_parts=parts)
+            terms = self.latent_terms(parts["x"], chunk, chunk_seed, x_parts=parts,
+                                      row_independent=row_independent)
             return tf.transpose(objective.iw_log_weights_per_y(terms), [1, 0, 2])
 
         shape = tf.stack([self.num_clusters, tf.shape(parts["x"])[0]])

@@ -7,6 +7,11 @@ row's answer depends on that row alone, never on the other rows batched with it.
 
   classify(x)                 -> p_y [N,K] (the cascade p(y|x)), q_y [N,K] (q(y|x)),
                                  label [N] int32: argmax q(y|x)      (serving_default)
+  classify_posterior(x)       -> p_y [N,K] (the generative model's own p(y|x) =
+                                 p(x,y) / sum_y' p(x,y'), importance-sampled with S = 100),
+                                 label [N] int32: its argmax. The most accurate classifier
+                                 in every measured run (docs/results.md), at about 5 times
+                                 classify's cost per row (docs/performance.md)
   sample(seed)                -> probs [N,H,W,C] (the means of p(x|y,z1) in [0, 1]: a
                                  Bernoulli's probabilities), images [N,H,W,C] (a sample of
                                  p(x|y,z1): binary, or 8-bit levels / 255), y [N] int32
@@ -34,6 +39,7 @@ import keras
 import tensorflow as tf
 
 from cagem_tf.files import UserError
+from cagem_tf.model import POSTERIOR_SAMPLES
 
 CLASSIFIER_SEED = (0, 0)      # classify and log_likelihood answer the same for the same input
 IW_SAMPLES = (1000,)          # the likelihood signatures of an export, by default
@@ -52,9 +58,10 @@ def _row_seeds(seed):
     return tf.where(seed[:, None] < 0, fresh, given)
 
 
-def _in_blocks(fn, x, rows: int):
+def _in_blocks(fn, x, rows: int, tail=()):
     """fn on blocks of `rows` rows of x and then on the rows left over: the likelihood's memory
-    grows with rows x samples per chunk, so a large batch is computed a block at a time."""
+    grows with rows x samples per chunk, so a large batch is computed a block at a time.
+    fn maps [n, ...] to [n, *tail] float32."""
     # One graph of fn for its three uses (a block, the rows left over, a small batch): the
     # likelihood's graph is the export's largest, and tracing it once makes exports faster.
     fn = tf.function(fn, input_signature=[tf.TensorSpec([None, *x.shape[1:]], x.dtype)])
@@ -63,11 +70,12 @@ def _in_blocks(fn, x, rows: int):
     def blocked():
         full = n // rows
         blocks = tf.reshape(x[:full * rows], tf.concat([[full, rows], tf.shape(x)[1:]], 0))
-        values = tf.reshape(tf.map_fn(fn, blocks, fn_output_signature=tf.float32), [-1])
+        values = tf.reshape(tf.map_fn(fn, blocks, fn_output_signature=tf.float32),
+                            [-1, *tail])
         rest = x[full * rows:]
         # The rows left over go on their own (no padding rows computed for nothing).
         return tf.concat([values, tf.cond(tf.shape(rest)[0] > 0, lambda: fn(rest),
-                                          lambda: tf.zeros([0], tf.float32))], 0)
+                                          lambda: tf.zeros([0, *tail], tf.float32))], 0)
 
     # A batch of one block (one row alone, above all) is computed as it is, without a loop.
     return tf.cond(n <= rows, lambda: fn(x), blocked)
@@ -96,6 +104,14 @@ def _endpoints(model, iw_samples=IW_SAMPLES):
         # The served label is q(y|x)'s: in every measured run it errs less than the cascade
         # (docs/results.md), and the model's own posterior costs K x S passes of p(x|y,z1).
         return {"p_y": p_y, "q_y": q_y, "label": tf.argmax(q_y, -1, output_type=tf.int32)}
+
+    def classify_posterior(x):
+        # Blocks of rows at once, every row with the same draws: a row's answer is the one it
+        # gets alone.
+        log_p = _in_blocks(lambda block: model.posterior_log_probs(
+            block, POSTERIOR_SAMPLES, seed=fixed, row_independent=True), images(x), IW_ROWS,
+            tail=(K,))
+        return {"p_y": tf.exp(log_p), "label": tf.argmax(log_p, -1, output_type=tf.int32)}
 
     def sample(seed):
         # The whole batch at once; each row's noise comes from its own seed alone.
@@ -134,6 +150,7 @@ def _endpoints(model, iw_samples=IW_SAMPLES):
         return {"probs": model.reconstruct(images(x))}
 
     endpoints = [("classify", classify, [x_spec]),
+                 ("classify_posterior", classify_posterior, [x_spec]),
                  ("sample", sample, [seed_spec]),
                  ("sample_class", sample_class, [y_spec, seed_spec])]
     for samples in iw_samples:

@@ -29,7 +29,7 @@ def exported(model, tmp_path_factory):
     return export_dir, serving.export(model, export_dir, iw_samples=(200, 1000))
 
 
-SIGNATURES = ["classify", "sample", "sample_class", "log_likelihood_200",
+SIGNATURES = ["classify", "classify_posterior", "sample", "sample_class", "log_likelihood_200",
               "log_likelihood_1000", "log_likelihood_sampled_200",
               "log_likelihood_sampled_1000", "encode", "reconstruct", "serving_default"]
 
@@ -49,7 +49,7 @@ m = tf.saved_model.load(sys.argv[1])
 x = tf.constant(np.load(sys.argv[2]))
 out = {"signatures": sorted(m.signatures)}
 for name, kwargs in [
-        ("classify", dict(x=x)), ("encode", dict(x=x)), ("reconstruct", dict(x=x)),
+        ("classify", dict(x=x)), ("classify_posterior", dict(x=x)), ("encode", dict(x=x)), ("reconstruct", dict(x=x)),
         ("log_likelihood_200", dict(x=x)), ("log_likelihood_sampled_1000", dict(x=x)),
         ("sample", dict(seed=tf.constant([7, 8, 7, 9]))),
         ("sample_class", dict(y=tf.constant([0, 2, 1]), seed=tf.constant([7, 7, 7])))]:
@@ -95,6 +95,14 @@ def test_loads_with_tensorflow_alone_and_matches_the_model(model, exported, tmp_
                                    row_independent=True)
             np.testing.assert_allclose(out[name]["log_likelihood"][i], alone[0], rtol=1e-4)
     assert out["classify"]["label"] == np.argmax(out["classify"]["q_y"], -1).tolist()
+    # classify_posterior is the model's own p(y|x), each row with the draws it gets alone.
+    posterior = np.array(out["classify_posterior"]["p_y"])
+    alone = np.concatenate([np.exp(model.posterior_log_probs(
+        x[i:i + 1], serving.POSTERIOR_SAMPLES, seed=seed, row_independent=True))
+        for i in range(len(x))])
+    np.testing.assert_allclose(posterior, alone, atol=1e-5)
+    np.testing.assert_allclose(posterior.sum(-1), 1.0, atol=1e-5)
+    assert out["classify_posterior"]["label"] == np.argmax(posterior, -1).tolist()
     z1, z2 = model.encode(x)
     np.testing.assert_allclose(out["encode"]["z1"], z1, atol=1e-5)
     np.testing.assert_allclose(out["encode"]["z2"], z2, atol=1e-5)
@@ -249,6 +257,12 @@ def test_own_images_are_converted_and_scored(model, exported, tmp_path):
     p_y = [float(rows[0][f"p_y_{k}"]) for k in range(K)]
     assert abs(sum(p_y) - 1) < 1e-4 and 0 <= int(rows[0]["class_p"]) < K
     assert float(rows[0]["log_likelihood_200"]) < 0
+    # The model's own posterior, as classify_posterior answers for the converted image.
+    own = [float(rows[0][f"posterior_y_{k}"]) for k in range(K)]
+    served = tf.saved_model.load(path).signatures["classify_posterior"](
+        x=tf.constant(ink[None] / 255, tf.float32))
+    np.testing.assert_allclose(own, served["p_y"][0], atol=1e-5)
+    assert int(rows[0]["class_posterior"]) == int(served["label"][0])
     # The run's images as an .npz, scored as JSON lines with the other signature.
     np.savez(tmp_path / "x.npz", x_test=(_images(3) > 0.5).astype(np.uint8) * 255)
     result = subprocess.run([sys.executable, "export/classify.py", f"--saved_model={path}",
@@ -258,6 +272,7 @@ def test_own_images_are_converted_and_scored(model, exported, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [json.loads(line) for line in open(tmp_path / "s.jsonl")]
     assert len(lines) == 3 and len(lines[0]["z2"]) == 2 and "log_likelihood_1000" in lines[0]
+    assert len(lines[0]["posterior_y"]) == K and 0 <= lines[0]["class_posterior"] < K
     os.makedirs(tmp_path / "empty")
     np.savez(tmp_path / "blank.npz")
     for args, message in ((f"--images={tmp_path / 'empty'}", "no PNG or JPEG files"),
@@ -282,7 +297,7 @@ def test_every_signature_answers_a_row_in_a_batch_as_it_answers_it_alone(exporte
     x = tf.constant(_images(n, seed=3))
     y, seed = tf.constant(np.arange(n) % K, tf.int32), tf.constant(5 + np.arange(n), tf.int32)
     inputs = {"sample": {"seed": seed}, "sample_class": {"y": y, "seed": seed}}
-    assert set(loaded.signatures) >= {"classify", "sample", "sample_class", "encode",
+    assert set(loaded.signatures) >= {"classify", "classify_posterior", "sample", "sample_class", "encode",
                                       "reconstruct", "log_likelihood_200",
                                       "log_likelihood_sampled_200"}
     for name, signature in loaded.signatures.items():
@@ -307,6 +322,10 @@ def test_blocks_of_rows_give_each_row_its_own_value_and_compute_no_padding(n):
     values = tf.function(lambda x: serving._in_blocks(row_sums, x, 8))(x)
     np.testing.assert_array_equal(values.numpy(), tf.reduce_sum(x, [1, 2]).numpy())
     assert computed.numpy() == n
+    # A vector per row (classify_posterior's [N,K]) keeps its rows in order too.
+    columns = tf.function(lambda x: serving._in_blocks(
+        lambda block: tf.reduce_sum(block, 1), x, 8, tail=(3,)))(x)
+    np.testing.assert_array_equal(columns.numpy(), tf.reduce_sum(x, 1).numpy())
 
 
 def test_an_export_serves_batch_norm_folded_and_leaves_the_model_unfolded(model, exported):

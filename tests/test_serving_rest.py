@@ -99,6 +99,7 @@ def test_every_signature_answers_both_rest_formats(model, export_path, tmp_path)
     requests = [
         {"signature": "serving_default", "body": {"instances": rows}},
         {"signature": "classify", "body": {"inputs": {"x": rows}}},
+        {"signature": "classify_posterior", "body": {"instances": rows}},
         {"signature": "sample", "body": {"instances": [{"seed": 5}, {"seed": 6}]}},
         {"signature": "sample", "body": {"inputs": {"seed": [5, 6]}}},
         {"signature": "sample_class", "body": {"instances": [{"y": 2, "seed": 5},
@@ -109,7 +110,7 @@ def test_every_signature_answers_both_rest_formats(model, export_path, tmp_path)
         {"signature": "encode", "body": {"instances": rows}},
         {"signature": "reconstruct", "body": {"inputs": {"x": rows}}},
     ]
-    (row_classify, column_classify, row_sample, column_sample, row_class, column_class,
+    (row_classify, column_classify, row_posterior, row_sample, column_sample, row_class, column_class,
      row_ll, column_ll, row_encode, column_reconstruct) = serve(export_path, requests, tmp_path)
 
     seed = tf.constant(serving.CLASSIFIER_SEED)
@@ -120,6 +121,12 @@ def test_every_signature_answers_both_rest_formats(model, export_path, tmp_path)
         np.testing.assert_allclose(row_classify["predictions"][i]["p_y"], p_y[0], atol=1e-5)
         np.testing.assert_allclose(column_classify["outputs"]["q_y"][i], q_y[0], atol=1e-5)
     assert [p["label"] for p in row_classify["predictions"]] == column_classify["outputs"]["label"]
+    assert set(row_posterior["predictions"][0]) == {"p_y", "label"}
+    for i in range(3):
+        alone = np.exp(model.posterior_log_probs(x[i:i + 1], serving.POSTERIOR_SAMPLES,
+                                                 seed=seed, row_independent=True))
+        np.testing.assert_allclose(row_posterior["predictions"][i]["p_y"], alone[0], atol=1e-5)
+        assert row_posterior["predictions"][i]["label"] == int(np.argmax(alone[0]))
 
     # One sample per seed, the same in both formats and as the model draws it.
     assert [p["probs"] for p in row_sample["predictions"]] == column_sample["outputs"]["probs"]

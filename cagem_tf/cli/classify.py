@@ -3,7 +3,9 @@
 
 PATH is a folder of PNG/JPEG files, an .npz file or an IDX image file; images are converted as
 the training data was (`cagem_tf.images`) and, for a model of binarized images, binarized once with --seed. FILE gets one row per
-image (.csv, or JSON lines for .jsonl): the predicted class p(y|x) and cluster q(y|x), both
+image (.csv, or JSON lines for .jsonl): the class of the model's own posterior p(y|x)
+(`class_posterior`, the most accurate of the three; exports from before it lack the column),
+the class of the cascade p(y|x) (`class_p`) and the cluster of q(y|x) (`cluster_q`), their
 distributions, the z2 mean and the log-likelihood bound. A file that cannot be used is named in
 one line, and the other images are still scored. Needs TensorFlow alone.
 """
@@ -74,31 +76,41 @@ def main(argv):
         else "bernoulli"  # exports before the likelihood choice
     binarize = FLAGS.binarize if FLAGS.binarize is not None else likelihood == "bernoulli"
     x = images.binarize(loaded.x, FLAGS.seed) if binarize else loaded.x
+    posterior = "classify_posterior" in model.signatures
     rows = []
     for start in range(0, len(x), FLAGS.batch_size):
         xb = tf.constant(x[start:start + FLAGS.batch_size])
         classes = model.signatures["classify"](x=xb)
+        own = model.signatures["classify_posterior"](x=xb)["p_y"].numpy() if posterior \
+            else None
         z2 = model.signatures["encode"](x=xb)["z2"].numpy()
         bound = model.signatures[name](x=xb)["log_likelihood"].numpy()
         for i in range(len(xb)):
             p_y, q_y = classes["p_y"][i].numpy(), classes["q_y"][i].numpy()
             image = loaded.names[start + i]
-            rows.append({"image": image, "class_p": int(np.argmax(p_y)),
-                         "cluster_q": int(np.argmax(q_y)), "p_y": p_y.round(6).tolist(),
-                         "q_y": q_y.round(6).tolist(), "z2": z2[i].round(6).tolist(),
-                         name: float(bound[i]), "note": loaded.notes.get(image, "")})
+            row = {"image": image}
+            if posterior:
+                row["class_posterior"] = int(np.argmax(own[i]))
+            row.update({"class_p": int(np.argmax(p_y)), "cluster_q": int(np.argmax(q_y))})
+            if posterior:
+                row["posterior_y"] = own[i].round(6).tolist()
+            row.update({"p_y": p_y.round(6).tolist(), "q_y": q_y.round(6).tolist(),
+                        "z2": z2[i].round(6).tolist(), name: float(bound[i]),
+                        "note": loaded.notes.get(image, "")})
+            rows.append(row)
+
     def write(f):
         if FLAGS.out.endswith(".jsonl"):
             f.writelines(json.dumps(row) + "\n" for row in rows)
             return
         writer = csv.writer(f)
-        k, d = len(rows[0]["p_y"]), len(rows[0]["z2"])
-        writer.writerow(["image", "class_p", "cluster_q"] + [f"p_y_{c}" for c in range(k)]
-                        + [f"q_y_{c}" for c in range(k)] + [f"z2_{j}" for j in range(d)]
-                        + [name, "note"])
+        labels = ["image"] + ["class_posterior"] * posterior + ["class_p", "cluster_q"]
+        vectors = ["posterior_y"] * posterior + ["p_y", "q_y", "z2"]
+        writer.writerow(labels + [f"{key}_{j}" for key in vectors
+                                  for j in range(len(rows[0][key]))] + [name, "note"])
         for row in rows:
-            writer.writerow([row["image"], row["class_p"], row["cluster_q"], *row["p_y"],
-                             *row["q_y"], *row["z2"], f"{row[name]:.4f}", row["note"]])
+            writer.writerow([row[key] for key in labels] + [v for key in vectors for v in row[key]]
+                            + [f"{row[name]:.4f}", row["note"]])
 
     try:
         files.write_file(FLAGS.out, write)

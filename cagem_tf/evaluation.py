@@ -9,7 +9,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from cagem_tf import clustering, files, objective
-from cagem_tf.model import IW_CHUNK, POSTERIOR_SAMPLES
+from cagem_tf.model import IW_CHUNK
 
 tfd = tfp.distributions
 
@@ -182,6 +182,9 @@ def cluster_probs(model, x, seed: int = 0, batch_size: int = 500):
              for index, start in enumerate(range(0, len(x), batch_size))]
     return (np.concatenate([p.numpy() for p, _ in parts]),
             np.concatenate([q.numpy() for _, q in parts]))
+
+
+POSTERIOR_SAMPLES = 100  # importance samples of the model's own p(y|x) in evaluations
 
 
 def posterior_probs(model, x, num_samples: int = POSTERIOR_SAMPLES, seed: int = 0,

@@ -28,9 +28,6 @@ tfd = tfp.distributions
 # Samples per chunk of the IW bound by estimator, at similar memory: an exact chunk holds K
 # values of y per sample, a sampled one a single value.
 IW_CHUNK = {"exact": 100, "sampled": 500}
-# Importance samples of the model's own p(y|x) in evaluations and in the exported
-# classify_posterior, so that the served classifier is the one the evaluations measure.
-POSTERIOR_SAMPLES = 100
 # The cascade's activations [K,S,B,H] beyond which inference computes it one class per loop
 # iteration: 16 MiB of float32 (measured on the AMX Xeon: 1.24x at N = 256 with K = S = 10,
 # H = 256; a 1 MiB threshold was slower at N = 96-128; docs/performance.md).
@@ -357,8 +354,8 @@ class CaGeM(keras.Model):
         _, acc = tf.while_loop(lambda i, _: i < num_chunks, body, (tf.constant(0), acc))
         return acc
 
-    def posterior_log_probs(self, x, num_samples: int = POSTERIOR_SAMPLES,
-                            chunk_size: int = 100, seed=None, row_independent: bool = False):
+    def posterior_log_probs(self, x, num_samples: int = 100, chunk_size: int = 100,
+                            seed=None, row_independent: bool = False):
         """log p(y|x) [B,K] of the generative model itself, by importance sampling:
 
         p(x,y) = E_q(z1|x) q(z2|x,y,z1)[ p(x,y,z1,z2) / (q(z1|x) q(z2|x,y,z1)) ],

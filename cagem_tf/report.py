@@ -13,7 +13,6 @@ import tensorflow as tf
 
 from cagem_tf import evaluation, figures, files, objective, rundir
 from cagem_tf.config import ConfigError
-from cagem_tf.model import POSTERIOR_SAMPLES
 
 # results.json's cluster_use: how q(y|x) uses the clusters, and two pieces of the cascade.
 CLUSTER_USE_KEYS = ("clusters_used", "mutual_information", "mean_entropy", "occupancy",
@@ -59,7 +58,7 @@ def evaluate(model_dir, checkpoint=None, iw_samples=(1, 10, 5000), subset=0, bat
         if config.labels:
             for key in ("error_p", "error_q", "error_posterior"):
                 results[key] = clusters[key]
-            results["posterior_samples"] = POSTERIOR_SAMPLES
+            results["posterior_samples"] = evaluation.POSTERIOR_SAMPLES
         results["cluster_use"] = {k: v for k, v in clusters.items() if k in CLUSTER_USE_KEYS}
         latent = evaluation.latent_summary(model, x, seed)
         results.update({k: v for k, v in latent.items() if not k.endswith("_means")})

@@ -292,8 +292,9 @@ def test_every_signature_answers_a_row_in_a_batch_as_it_answers_it_alone(exporte
     rows batched with it."""
     _, path = exported
     loaded = tf.saved_model.load(path)
-    # More rows than a block of the likelihood signatures (serving.IW_ROWS), not a multiple.
-    n = serving.IW_ROWS + 3
+    # More rows than a block of the likelihood signatures and of classify_posterior, not a
+    # multiple of either.
+    n = max(serving.IW_ROWS, serving.POSTERIOR_ROWS) + 3
     x = tf.constant(_images(n, seed=3))
     y, seed = tf.constant(np.arange(n) % K, tf.int32), tf.constant(5 + np.arange(n), tf.int32)
     inputs = {"sample": {"seed": seed}, "sample_class": {"y": y, "seed": seed}}

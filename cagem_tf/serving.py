@@ -9,8 +9,7 @@ row's answer depends on that row alone, never on the other rows batched with it.
                                  label [N] int32: argmax q(y|x)      (serving_default)
   classify_posterior(x)       -> p_y [N,K] (the generative model's own p(y|x) =
                                  p(x,y) / sum_y' p(x,y'), importance-sampled with S = 10),
-                                 label [N] int32: its argmax. The most accurate of the
-                                 classifiers in the measured runs (docs/results.md)
+                                 label [N] int32: its argmax
   sample(seed)                -> probs [N,H,W,C] (the means of p(x|y,z1) in [0, 1]: a
                                  Bernoulli's probabilities), images [N,H,W,C] (a sample of
                                  p(x|y,z1): binary, or 8-bit levels / 255), y [N] int32

@@ -4,7 +4,7 @@
 PATH is a folder of PNG/JPEG files, an .npz file or an IDX image file; images are converted as
 the training data was (`cagem_tf.images`) and, for a model of binarized images, binarized once with --seed. FILE gets one row per
 image (.csv, or JSON lines for .jsonl): the class of the model's own posterior p(y|x)
-(`class_posterior`, the most accurate of the three; exports from before it lack the column),
+(`class_posterior`; exports from before that signature lack its columns),
 the class of the cascade p(y|x) (`class_p`) and the cluster of q(y|x) (`cluster_q`), their
 distributions, the z2 mean and the log-likelihood bound. A file that cannot be used is named in
 one line, and the other images are still scored. Needs TensorFlow alone.

@@ -49,7 +49,8 @@ m = tf.saved_model.load(sys.argv[1])
 x = tf.constant(np.load(sys.argv[2]))
 out = {"signatures": sorted(m.signatures)}
 for name, kwargs in [
-        ("classify", dict(x=x)), ("classify_posterior", dict(x=x)), ("encode", dict(x=x)), ("reconstruct", dict(x=x)),
+        ("classify", dict(x=x)), ("classify_posterior", dict(x=x)), ("encode", dict(x=x)),
+        ("reconstruct", dict(x=x)),
         ("log_likelihood_200", dict(x=x)), ("log_likelihood_sampled_1000", dict(x=x)),
         ("sample", dict(seed=tf.constant([7, 8, 7, 9]))),
         ("sample_class", dict(y=tf.constant([0, 2, 1]), seed=tf.constant([7, 7, 7])))]:
@@ -298,9 +299,9 @@ def test_every_signature_answers_a_row_in_a_batch_as_it_answers_it_alone(exporte
     x = tf.constant(_images(n, seed=3))
     y, seed = tf.constant(np.arange(n) % K, tf.int32), tf.constant(5 + np.arange(n), tf.int32)
     inputs = {"sample": {"seed": seed}, "sample_class": {"y": y, "seed": seed}}
-    assert set(loaded.signatures) >= {"classify", "classify_posterior", "sample", "sample_class", "encode",
-                                      "reconstruct", "log_likelihood_200",
-                                      "log_likelihood_sampled_200"}
+    assert set(loaded.signatures) >= {"classify", "classify_posterior", "sample",
+                                      "sample_class", "encode", "reconstruct",
+                                      "log_likelihood_200", "log_likelihood_sampled_200"}
     for name, signature in loaded.signatures.items():
         args = inputs.get(name, {"x": x})
         batched = signature(**args)

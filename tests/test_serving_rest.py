@@ -110,8 +110,9 @@ def test_every_signature_answers_both_rest_formats(model, export_path, tmp_path)
         {"signature": "encode", "body": {"instances": rows}},
         {"signature": "reconstruct", "body": {"inputs": {"x": rows}}},
     ]
-    (row_classify, column_classify, row_posterior, row_sample, column_sample, row_class, column_class,
-     row_ll, column_ll, row_encode, column_reconstruct) = serve(export_path, requests, tmp_path)
+    (row_classify, column_classify, row_posterior, row_sample, column_sample, row_class,
+     column_class, row_ll, column_ll, row_encode, column_reconstruct) = serve(
+        export_path, requests, tmp_path)
 
     seed = tf.constant(serving.CLASSIFIER_SEED)
     assert len(row_classify["predictions"]) == 3

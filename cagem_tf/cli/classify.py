@@ -81,8 +81,8 @@ def main(argv):
     for start in range(0, len(x), FLAGS.batch_size):
         xb = tf.constant(x[start:start + FLAGS.batch_size])
         classes = model.signatures["classify"](x=xb)
-        own = model.signatures["classify_posterior"](x=xb)["p_y"].numpy() if posterior \
-            else None
+        if posterior:
+            own = model.signatures["classify_posterior"](x=xb)["p_y"].numpy()
         z2 = model.signatures["encode"](x=xb)["z2"].numpy()
         bound = model.signatures[name](x=xb)["log_likelihood"].numpy()
         for i in range(len(xb)):
@@ -90,14 +90,12 @@ def main(argv):
             image = loaded.names[start + i]
             row = {"image": image}
             if posterior:
-                row["class_posterior"] = int(np.argmax(own[i]))
-            row.update({"class_p": int(np.argmax(p_y)), "cluster_q": int(np.argmax(q_y))})
-            if posterior:
-                row["posterior_y"] = own[i].round(6).tolist()
-            row.update({"p_y": p_y.round(6).tolist(), "q_y": q_y.round(6).tolist(),
-                        "z2": z2[i].round(6).tolist(), name: float(bound[i]),
-                        "note": loaded.notes.get(image, "")})
-            rows.append(row)
+                row.update(class_posterior=int(np.argmax(own[i])),
+                           posterior_y=own[i].round(6).tolist())
+            rows.append({**row, "class_p": int(np.argmax(p_y)), "cluster_q": int(np.argmax(q_y)),
+                         "p_y": p_y.round(6).tolist(), "q_y": q_y.round(6).tolist(),
+                         "z2": z2[i].round(6).tolist(), name: float(bound[i]),
+                         "note": loaded.notes.get(image, "")})
 
     def write(f):
         if FLAGS.out.endswith(".jsonl"):

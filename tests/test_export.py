@@ -264,6 +264,10 @@ def test_own_images_are_converted_and_scored(model, exported, tmp_path):
         x=tf.constant(ink[None] / 255, tf.float32))
     np.testing.assert_allclose(own, served["p_y"][0], atol=1e-5)
     assert int(rows[0]["class_posterior"]) == int(served["label"][0])
+    # Six decimals as written, not the digits of float32's nearest value.
+    vectors = ("posterior_y_", "p_y_", "q_y_", "z2_")
+    assert all(len(value.split(".")[-1]) <= 6 for key, value in rows[0].items()
+               if key.startswith(vectors)), rows[0]
     # The run's images as an .npz, scored as JSON lines with the other signature.
     np.savez(tmp_path / "x.npz", x_test=(_images(3) > 0.5).astype(np.uint8) * 255)
     result = subprocess.run([sys.executable, "export/classify.py", f"--saved_model={path}",

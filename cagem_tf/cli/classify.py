@@ -47,6 +47,12 @@ def _saved_model_path():
     return newest
 
 
+def _rounded(values) -> list:
+    """Six decimals, rounded in float64 so that the file shows them as such (0.00317, not
+    the float32 nearest to it, 0.00316999992355704)."""
+    return [round(float(v), 6) for v in values]
+
+
 def main(argv):
     cli.start(argv)
     import numpy as np
@@ -91,11 +97,10 @@ def main(argv):
             row = {"image": image}
             if posterior:
                 row.update(class_posterior=int(np.argmax(own[i])),
-                           posterior_y=own[i].round(6).tolist())
+                           posterior_y=_rounded(own[i]))
             rows.append({**row, "class_p": int(np.argmax(p_y)), "cluster_q": int(np.argmax(q_y)),
-                         "p_y": p_y.round(6).tolist(), "q_y": q_y.round(6).tolist(),
-                         "z2": z2[i].round(6).tolist(), name: float(bound[i]),
-                         "note": loaded.notes.get(image, "")})
+                         "p_y": _rounded(p_y), "q_y": _rounded(q_y), "z2": _rounded(z2[i]),
+                         name: float(bound[i]), "note": loaded.notes.get(image, "")})
 
     def write(f):
         if FLAGS.out.endswith(".jsonl"):

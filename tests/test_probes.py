@@ -95,8 +95,8 @@ def test_the_cascade_study_reports_the_run_s_own_errors_and_refuses_a_run_withou
 
     def study(run, *args):
         return subprocess.run([sys.executable, "experiments/cascade.py", f"--model_dir={run}",
-                               "--train_images=200", "--test_images=50", "--hidden=8", "--probe_steps=100",
-                               *args],
+                               "--train_images=200", "--test_images=50", "--hidden=8",
+                               "--probe_steps=100", *args],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
     result = study(runs["labelled"], "--refit_steps=5")

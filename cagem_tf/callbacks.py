@@ -1,5 +1,7 @@
-"""Keras callbacks of a CaGeM training run: KL warm-up, learning-rate decay, checkpoints and the
-TensorBoard summaries that Keras' own TensorBoard callback does not write."""
+"""Keras callbacks of a CaGeM training run: learning-rate decay, the clusters' naming, the
+departures' end, graceful stops, checkpoints and the TensorBoard summaries that Keras' own
+TensorBoard callback does not write. (The step's weight schedules are `cagem_tf.schedules`,
+computed in the step.)"""
 
 import math
 import os
@@ -12,65 +14,6 @@ import numpy as np
 import tensorflow as tf
 
 from cagem_tf import clustering, evaluation, figures, metrics, rundir, serving
-
-
-class StepSchedule(keras.callbacks.Callback):
-    """Sets the scalar `variable` (one the model's step reads) to value(t) before every step,
-    t = epoch + step / steps_per_epoch, for the first `epochs` epochs (then once per epoch, at
-    its end value). `name`: what summaries call it (default: the variable's name)."""
-
-    def __init__(self, variable, epochs: int, name: str | None = None):
-        super().__init__()
-        self.variable, self.epochs = variable, epochs
-        self.name = name or variable.name.split("/")[-1].split(":")[0]
-        self.epoch = 0
-
-    def value(self, t: float) -> float:
-        raise NotImplementedError
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
-        self.variable.assign(self.value(epoch))
-
-    def on_train_batch_begin(self, batch, logs=None):
-        steps = self.params.get("steps")
-        if steps and self.epoch < self.epochs:
-            self.variable.assign(self.value(self.epoch + batch / steps))
-
-
-class KLWarmup(StepSchedule):
-    """KL temperature linear from 0 to 1 over the first `warmup_epochs` epochs: before each step
-    T = min(1, (epoch + step / steps_per_epoch) / warmup_epochs); 1 when warmup_epochs is 0.
-
-    The ramp moves every step, not once per epoch, so that the first epoch does not run at T = 0
-    throughout (with no KL cost at all, q(z1|x) drifts arbitrarily far from p(z1|y,z2)).
-    """
-
-    def __init__(self, temperature, warmup_epochs: int):
-        super().__init__(temperature, warmup_epochs)
-
-    def value(self, t: float) -> float:
-        return 1.0 if self.epochs <= 0 else min(1.0, t / self.epochs)
-
-
-class Anneal(StepSchedule):
-    """The scalar weight `variable` linear from `start` to `end` over `epochs` epochs, then
-    `end` for good: end + (start - end) * max(0, 1 - t / epochs). With `begin` > 0 the weight
-    is 0 for the first `begin` epochs and the line starts there (t - begin for t)."""
-
-    def __init__(self, variable, start: float, epochs: int, end: float = 0.0,
-                 name: str | None = None, begin: int = 0):
-        # The per-step updates run until the line's end, epoch begin + epochs.
-        super().__init__(variable, begin + epochs, name)
-        self.start, self.end, self.begin, self.length = start, end, begin, epochs
-
-    def value(self, t: float) -> float:
-        if t < self.begin:
-            return 0.0
-        if self.length <= 0:
-            return self.end
-        done = (t - self.begin) / self.length
-        return self.end + (self.start - self.end) * max(0.0, 1.0 - done)
 
 
 class NameClusters(keras.callbacks.Callback):
@@ -123,9 +66,10 @@ def step_decay(learning_rate: float, decay: float, decay_epochs: int):
 
 
 class GracefulStop(keras.callbacks.Callback):
-    """SIGTERM or Ctrl-C (SIGINT) during `fit` stop training after the current step: the
-    interrupted epoch is neither checkpointed, evaluated nor exported, so the run keeps the
-    last finished epoch's checkpoint and resumes from it. A second Ctrl-C interrupts at once.
+    """SIGTERM or Ctrl-C (SIGINT) during `fit` stop training after the current call of the
+    step (Keras' steps_per_execution steps at most): the interrupted epoch is neither
+    checkpointed, evaluated nor exported, so the run keeps the last finished epoch's
+    checkpoint and resumes from it. A second Ctrl-C interrupts at once.
     (Signal handlers can only be set from the main thread; elsewhere nothing changes.)"""
 
     SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
@@ -294,8 +238,8 @@ class Summaries(keras.callbacks.Callback):
 
     logs/train, every epoch: what the step returned (`CaGeM.metrics`: the epoch's means of the
       ELBO's terms, loss, batch_usage; with labels h_p, h_q, the batch errors error_p,
-      error_q, alpha), the learning rate, the value of every schedule's variable
-      (`schedules`) at the epoch's end, seconds_per_epoch and hours_left.
+      error_q, alpha), the learning rate, the value of each of the model's scheduled
+      weights (`CaGeM.schedules`) at the epoch's end, seconds_per_epoch and hours_left.
     logs/eval, every `eval_every` epochs (and at the last), on the fixed images `x_eval`: the
       scalars of `evaluation.periodic_metrics` (elbo and its terms, iw_bound, active units)
       and of `evaluation.cluster_report` (cluster use; with labels the classifiers'
@@ -308,7 +252,7 @@ class Summaries(keras.callbacks.Callback):
 
     def __init__(self, run: rundir.RunDir, x_eval, y_eval, num_classes: int, eval_every: int,
                  iw_samples: int, epochs: int, report_errors: bool, seed: int = 0, log=print,
-                 hparams: dict | None = None, schedules=(), stop: GracefulStop | None = None):
+                 hparams: dict | None = None, stop: GracefulStop | None = None):
         super().__init__()
         self.run = run
         self.train_writer = tf.summary.create_file_writer(run.logs("train"))
@@ -316,7 +260,7 @@ class Summaries(keras.callbacks.Callback):
         self.x_eval, self.y_eval, self.num_classes = x_eval, y_eval, num_classes
         self.eval_every, self.iw_samples, self.epochs = eval_every, iw_samples, epochs
         self.report_errors, self.seed, self.log = report_errors, seed, log
-        self.hparams, self.schedules, self.stop = hparams, tuple(schedules), stop
+        self.hparams, self.stop = hparams, stop
         self.started = self.epoch_started = None
         self.epochs_timed = 0
 
@@ -346,8 +290,8 @@ class Summaries(keras.callbacks.Callback):
         hours_left = per_epoch * (self.epochs - step) / 3600
         scalars = {name: float(np.mean(value)) for name, value in logs.items()}
         scalars["learning_rate"] = _scalar(self.model.optimizer.learning_rate)
-        for schedule in self.schedules:
-            scalars.setdefault(schedule.name, _scalar(schedule.variable))
+        for schedule in self.model.schedules:
+            scalars.setdefault(schedule.name, _scalar(getattr(self.model, schedule.weight)))
         scalars.update(seconds_per_epoch=seconds, hours_left=hours_left)
         with self.train_writer.as_default(step=step):
             for name, value in scalars.items():

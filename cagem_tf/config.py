@@ -27,7 +27,7 @@ ARCHITECTURES = ("mlp", "conv")
 MAY_CHANGE = ("epochs", "eval_every", "eval_iw_samples", "eval_subset", "export_every",
               "export_iw_samples",
               "keep_exports", "keep_checkpoints", "data_dir", "manual_dir", "strategy", "fresh",
-              "verbose", "model_dir", "collective_timeout")
+              "verbose", "model_dir", "collective_timeout", "steps_per_execution")
 # Keys of config.json files written by earlier versions that no longer mean anything:
 # test_binarization never reached the evaluation, which always binarizes once.
 RETIRED = ("test_binarization",)
@@ -173,6 +173,11 @@ class Config(ModelSpec):
                          "a resumed run.")
     batch_size: int = _field(100, "Unlabelled examples per step.")
     labelled_batch_size: int = _field(100, "Labelled examples per step (at most --labels).")
+    steps_per_execution: int = _field(10, "Training steps per call of the compiled step "
+                                      "(Keras' steps_per_execution): fewer calls from Python, "
+                                      "the same steps and results (the weights' schedules are "
+                                      "computed in the step); the progress bar and Ctrl-C act "
+                                      "between calls. --strategy multi_worker runs 1.")
     beta: float = _field(0.1, "alpha = beta * (N_u + N_l) / N_l weighs the labelled "
                          "cross-entropies.")
     beta_start: float = _field(0.0, "beta at the start of training, moved linearly to --beta "
@@ -263,7 +268,7 @@ class Config(ModelSpec):
         """One-line errors for settings no run can use."""
         super().check()
         for key in ("epochs", "batch_size", "labelled_batch_size", "lr_decay_epochs",
-                    "keep_checkpoints"):
+                    "keep_checkpoints", "steps_per_execution"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"--{key} {getattr(self, key)}: must be at least 1")
         for key in ("warmup_epochs", "eval_every", "eval_iw_samples", "eval_subset",

@@ -111,20 +111,19 @@ class CaGeM(keras.Model):
         self.p_x = LIKELIHOODS[spec.likelihood](self.data_dim, lower, 2, name="p_x",
                                                  **y_first, **heads)                     # y, z1
 
-        self.temperature = self.add_weight(shape=(), initializer="ones", trainable=False,
-                                           name="temperature")
-        # Weights of the opt-in departures (see `train_step`), moved by a schedule callback.
-        self.usage_weight = self.add_weight(shape=(), initializer="zeros", trainable=False,
-                                            name="usage_weight")
-        self.pseudo_weight = self.add_weight(shape=(), initializer="zeros", trainable=False,
-                                             name="pseudo_weight")
-        self.code_weight = self.add_weight(shape=(), initializer="zeros", trainable=False,
-                                           name="code_weight")
-        self.labelled_elbo_weight = self.add_weight(shape=(), initializer="zeros",
-                                                    trainable=False, name="labelled_elbo_weight")
-        # alpha as the step sees it: `compile`'s alpha, or a schedule's value on the way to it.
-        self.label_weight = self.add_weight(shape=(), initializer="zeros", trainable=False,
-                                            name="label_weight")
+        # The step's scalar weights: the KL temperature, the opt-in departures' weights (see
+        # `train_step`) and alpha as the step sees it (`compile`'s alpha, or a schedule's value
+        # on the way to it). `schedule` makes the step set them; each replica sets the same.
+        scalar = lambda name, initializer: self.add_weight(  # noqa: E731
+            shape=(), initializer=initializer, trainable=False, name=name,
+            aggregation="only_first_replica")
+        self.temperature = scalar("temperature", "ones")
+        self.usage_weight = scalar("usage_weight", "zeros")
+        self.pseudo_weight = scalar("pseudo_weight", "zeros")
+        self.code_weight = scalar("code_weight", "zeros")
+        self.labelled_elbo_weight = scalar("labelled_elbo_weight", "zeros")
+        self.label_weight = scalar("label_weight", "zeros")
+        self.schedules, self.steps_per_epoch = (), 0
         self.seed_generator = keras.random.SeedGenerator(seed, name="seed_generator")
         self.alpha = 0.0
         self.cluster_usage = self.pseudo_labels = self.z2_code = self.labelled_elbo = False
@@ -632,6 +631,22 @@ class CaGeM(keras.Model):
                   if getattr(self, setting) and term not in names]
         self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
 
+    def schedule(self, schedules, steps_per_epoch: int) -> None:
+        """From now on each training step first sets every schedule's weight (`schedules`,
+        `cagem_tf.schedules`) to its value at t = optimizer step / `steps_per_epoch`."""
+        self.schedules, self.steps_per_epoch = tuple(schedules), int(steps_per_epoch)
+        if self.schedules and self.steps_per_epoch < 1:
+            raise ValueError("steps_per_epoch must be at least 1")
+        self.train_function = None  # traced again with them
+
+    def _set_scheduled_weights(self) -> None:
+        if not self.schedules:
+            return
+        t = tf.cast(self.optimizer.iterations, tf.float64) / self.steps_per_epoch
+        for schedule in self.schedules:
+            variable = getattr(self, schedule.weight)
+            variable.assign(tf.cast(schedule(t), variable.dtype))
+
     def _active_terms(self) -> tuple:
         """The weighted terms of `objective` the step computes, from the compile settings."""
         active = {"h_labelled": self.alpha > 0,
@@ -716,13 +731,15 @@ class CaGeM(keras.Model):
     def train_step(self, data):
         """One step on the loss of `objective.training_losses`: -mean ELBO(x_u) (under the KL
         warm-up) + alpha (H_p + H_q)(x_l, y_l), and the opt-in departures compiled in (each
-        weight annealed to 0 by a schedule, so the objective at the end is the paper's).
+        weight annealed to 0 by a schedule, so the objective at the end is the paper's). The
+        scheduled weights are set first, from the optimizer's step count (`schedule`).
 
         `data` is {"x": unlabelled batch} plus, with labels, "x_labelled" and "y_labelled",
         and with pseudo-labels "y_pseudo". The ELBO trains every variable; a weighted term only
         its group's (`variable_groups`). The step's noise is seeded by (seed, optimizer step):
         a run restored from a checkpoint continues the same random stream.
         """
+        self._set_scheduled_weights()
         seed = tf.stack([tf.constant(self.seed or 0, tf.int32),
                          tf.cast(self.optimizer.iterations, tf.int32)])
         replicas = tf.distribute.get_strategy().num_replicas_in_sync

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from cagem_tf import (callbacks, clustering, cpu, data, files, objective, optimizer, rundir,
-                      serving)
+                      schedules, serving)
 from cagem_tf.config import MAY_CHANGE, Config, ConfigError
 from cagem_tf.files import UserError
 from cagem_tf.model import CaGeM
@@ -55,7 +55,11 @@ def build_model(config: Config, image_shape, num_clusters: int, alpha: float,
     model = CaGeM(config.spec(), image_shape, num_clusters, seed=config.seed,
                   synchronized_bn=synchronized_bn)
     clip = {"global_clipnorm": config.clip_norm} if config.clip_norm > 0 else {}
+    # Keras' loop of several steps per call fails under MultiWorkerMirroredStrategy (a
+    # placeholder in its while loop is not fed; Keras 3.15, TensorFlow 2.21).
+    steps = 1 if config.strategy == "multi_worker" else config.steps_per_execution
     model.compile(optimizer.Adam(config.learning_rate, **clip), alpha=alpha,
+                  steps_per_execution=steps,
                   cluster_usage=config.cluster_usage > 0,
                   pseudo_labels=config.pseudo_labels > 0, z2_code=config.z2_code > 0,
                   labelled_elbo=config.labelled_elbo > 0)
@@ -73,23 +77,24 @@ def _keep_labelled_subset(labelled, run: rundir.RunDir, resuming: bool) -> None:
         files.write_json(run.labelled, labelled.tolist())
 
 
-def schedules(config: Config, model: CaGeM) -> list:
-    """The schedules of the model's scalar weights: the KL warm-up, the departures' anneals
-    to 0 and, with --beta_start, alpha's move to its value (with labels late, alpha is 0 until
-    the departure ends and the move starts there)."""
+def weight_schedules(config: Config, alpha: float) -> list:
+    """The schedules of the model's scalar weights (`cagem_tf.schedules`): the KL warm-up, the
+    departures' anneals to 0 and, with --beta_start, alpha's move to its value `alpha` (with
+    labels late, alpha is 0 until the departure ends and the move starts there)."""
     epochs = config.departure_epochs
-    moved = [callbacks.KLWarmup(model.temperature, config.warmup_epochs),
-             callbacks.Anneal(model.usage_weight, config.cluster_usage, epochs),
-             callbacks.Anneal(model.pseudo_weight, config.pseudo_labels, epochs),
-             callbacks.Anneal(model.code_weight, config.z2_code, epochs),
-             callbacks.Anneal(model.labelled_elbo_weight, config.labelled_elbo, epochs)]
+    moved = [schedules.Warmup("temperature", epochs=config.warmup_epochs),
+             schedules.Linear("usage_weight", start=config.cluster_usage, epochs=epochs),
+             schedules.Linear("pseudo_weight", start=config.pseudo_labels, epochs=epochs),
+             schedules.Linear("code_weight", start=config.z2_code, epochs=epochs),
+             schedules.Linear("labelled_elbo_weight", start=config.labelled_elbo,
+                               epochs=epochs)]
     # "unsupervised" naming: no labelled term until the departure ends, then beta's schedule.
     begin = epochs if config.labels_late else 0
     if config.beta_start or begin:
         start = config.beta_start or config.beta
-        moved.append(callbacks.Anneal(model.label_weight, model.alpha * start / config.beta,
-                                      config.beta_epochs if config.beta_start else 0,
-                                      end=model.alpha, name="alpha", begin=begin))
+        moved.append(schedules.Linear(
+            "label_weight", "alpha", start=alpha * start / config.beta,
+            epochs=config.beta_epochs if config.beta_start else 0, end=alpha, begin=begin))
     return moved
 
 
@@ -98,12 +103,11 @@ def _callbacks(config: Config, run: rundir.RunDir, model, checkpoint, stop, arra
     """The schedules, learning-rate decay, NaN stop, checkpoints; on the chief also
     TensorBoard summaries (training, periodic evaluation, settings) and periodic exports."""
     decay = callbacks.step_decay(config.learning_rate, config.lr_decay, config.lr_decay_epochs)
-    moved = schedules(config, model)
-    fit_callbacks = [stop, *moved, keras.callbacks.LearningRateScheduler(decay),
+    fit_callbacks = [stop, keras.callbacks.LearningRateScheduler(decay),
                      keras.callbacks.TerminateOnNaN(), checkpoint]
     if config.departures:
-        fit_callbacks.insert(1 + len(moved), callbacks.DropDepartures(config.departure_epochs,
-                                                                      log if chief else None))
+        fit_callbacks.insert(1, callbacks.DropDepartures(config.departure_epochs,
+                                                         log if chief else None))
     if config.labels_late:
         fit_callbacks.insert(1, callbacks.NameClusters(
             config.departure_epochs,
@@ -119,7 +123,7 @@ def _callbacks(config: Config, run: rundir.RunDir, model, checkpoint, stop, arra
         arrays.y_test[:n_eval],
         arrays.num_classes, config.eval_every if n_eval else 0, config.eval_iw_samples,
         config.epochs, report_errors=bool(config.labels), seed=config.seed, log=log,
-        hparams=hparams, schedules=moved, stop=stop))
+        hparams=hparams, stop=stop))
     if config.export_every:
         fit_callbacks.append(callbacks.PeriodicExport(run.export, config.export_every,
                                                       checkpoint, config.keep_exports,
@@ -247,6 +251,7 @@ def _train(config: Config, arrays, labelled, clusters: int, strategy, log,
                                                keep=config.keep_checkpoints, log=log,
                                                scratch=scratch, stop=stop)
         initial_epoch = checkpoint.restore()
+    model.schedule(weight_schedules(config, alpha), streams.num_unlabelled // config.batch_size)
     if chief:
         files.write_json(run.model, {k: v for k, v in model.get_config().items()
                                       if k != "synchronized_bn"})

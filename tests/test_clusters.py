@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cagem_tf import callbacks, clustering, objective
+from cagem_tf import callbacks, clustering, objective, schedules
 from conftest import tiny_cagem
 
 
@@ -91,9 +91,9 @@ def test_pseudo_labels_train_only_the_classifier_networks():
 
 def test_departures_anneal_to_zero_and_then_leave_the_papers_objective():
     with_term, without = tiny_cagem(num_clusters=2), tiny_cagem(num_clusters=2)
-    anneal = callbacks.Anneal(with_term.usage_weight, 2.0, epochs=4)
-    assert anneal.value(0) == 2.0 and anneal.value(2) == pytest.approx(1.0)
-    assert anneal.value(4) == 0.0 and anneal.value(9) == 0.0
+    anneal = schedules.Linear("usage_weight", start=2.0, epochs=4)
+    assert anneal(0) == 2.0 and anneal(2) == pytest.approx(1.0)
+    assert anneal(4) == 0.0 and anneal(9) == 0.0
     x = (np.random.default_rng(0).random((8, 5)) < 0.5).astype(np.float32)
     with_term.compile(keras.optimizers.SGD(0.1), cluster_usage=True)
     without.compile(keras.optimizers.SGD(0.1))
@@ -130,12 +130,12 @@ def test_once_annealed_out_the_departures_leave_the_step_which_is_then_the_paper
     with_terms.compile(keras.optimizers.SGD(0.1), cluster_usage=True, pseudo_labels=True,
                        z2_code=True, labelled_elbo=True)
     without.compile(keras.optimizers.SGD(0.1))
-    anneals = [callbacks.Anneal(getattr(with_terms, w), 1.0, epochs=1)
-               for w in ("usage_weight", "pseudo_weight", "code_weight",
-                         "labelled_elbo_weight")]
+    with_terms.schedule([schedules.Linear(w, start=1.0, epochs=1)
+                         for w in ("usage_weight", "pseudo_weight", "code_weight",
+                                   "labelled_elbo_weight")], steps_per_epoch=2)
     said = []
     history = with_terms.fit(data, epochs=3, steps_per_epoch=2, verbose=0,
-                             callbacks=[*anneals, callbacks.DropDepartures(1, said.append)])
+                             callbacks=[callbacks.DropDepartures(1, said.append)])
     # The departures' values are logged for the first epoch only.
     assert len(history.history["h_pseudo"]) == len(history.history["h_z2_code"]) == 1
     assert len(history.history["h_labelled_elbo"]) == 1
@@ -249,9 +249,9 @@ def test_the_z2_code_is_the_cross_entropy_part_of_kl_y():
 
 def test_a_beta_schedule_moves_alpha_to_the_papers_value_and_stays_there():
     model = tiny_cagem(num_clusters=2)
-    ramp = callbacks.Anneal(model.label_weight, 50.0, epochs=4, end=10.0)
-    assert ramp.value(0) == 50.0 and ramp.value(2) == pytest.approx(30.0)
-    assert ramp.value(4) == 10.0 and ramp.value(40) == 10.0
+    ramp = schedules.Linear("label_weight", "alpha", start=50.0, epochs=4, end=10.0)
+    assert ramp(0) == 50.0 and ramp(2) == pytest.approx(30.0)
+    assert ramp(4) == 10.0 and ramp(40) == 10.0
     model.compile(keras.optimizers.SGD(0.1), alpha=10.0)
     assert float(model.label_weight) == 10.0  # without a schedule: alpha throughout
     x = (np.random.default_rng(0).random((8, 5)) < 0.5).astype(np.float32)
@@ -312,13 +312,12 @@ def test_labelled_responsibilities_name_each_class_after_the_cluster_holding_mos
 
 
 def test_labels_late_keep_alpha_at_zero_until_the_naming_then_follow_the_beta_schedule():
-    model = tiny_cagem(num_clusters=2)
-    late = callbacks.Anneal(model.label_weight, 30.0, epochs=2, end=10.0, begin=3)
-    assert late.value(0) == 0.0 and late.value(2.99) == 0.0
-    assert late.value(3) == 30.0 and late.value(4) == pytest.approx(20.0)
-    assert late.value(5) == 10.0 and late.value(50) == 10.0
-    constant = callbacks.Anneal(model.label_weight, 10.0, epochs=0, end=10.0, begin=3)
-    assert constant.value(2.5) == 0.0 and constant.value(3) == 10.0
+    late = schedules.Linear("label_weight", start=30.0, epochs=2, end=10.0, begin=3)
+    assert late(0) == 0.0 and late(2.99) == 0.0
+    assert late(3) == 30.0 and late(4) == pytest.approx(20.0)
+    assert late(5) == 10.0 and late(50) == 10.0
+    constant = schedules.Linear("label_weight", start=10.0, epochs=0, end=10.0, begin=3)
+    assert constant(2.5) == 0.0 and constant(3) == 10.0
 
 
 def test_labels_late_name_the_clusters_once_at_the_end_of_the_departure():

@@ -34,6 +34,7 @@ def test_one_width_means_two_layers_and_defaults_are_the_papers():
     ({"labels_seed": -2}, "--labels_seed -2: give a seed >= 0, or -1"),
     ({"labelled_elbo": 1.0}, "--labelled_elbo .* give --labels"),
     ({"labelled_elbo": -1.0, "labels": 20}, "--labelled_elbo -1.0: must be 0 or more"),
+    ({"steps_per_execution": 0}, "--steps_per_execution 0: must be at least 1"),
 ])
 def test_bad_settings_are_one_line_errors(settings, message):
     with pytest.raises(ConfigError, match=message) as error:

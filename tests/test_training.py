@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cagem_tf import CaGeM, data, objective, training
+from cagem_tf import CaGeM, data, objective, schedules, training
 from cagem_tf.config import Config
 from cagem_tf.model import NOT_IN_POSITIONAL_CHECKPOINTS
 from conftest import clustered_npz, tiny_cagem
@@ -139,28 +139,54 @@ def test_learns_clusters_from_a_handful_of_labels():
 
 
 def test_warmup_temperature_is_linear_in_steps():
-    from cagem_tf.callbacks import KLWarmup, step_decay
-    model = tiny_cagem()
-    warmup = KLWarmup(model.temperature, 4)
-    warmup.set_model(model)
-    warmup.set_params({"steps": 10})
-    warmup.on_epoch_begin(0)
-    assert float(model.temperature) == 0.0
-    warmup.on_train_batch_begin(5)
-    assert float(model.temperature) == pytest.approx(0.5 / 4)
-    warmup.on_epoch_begin(2)
-    warmup.on_train_batch_begin(5)
-    assert float(model.temperature) == pytest.approx(2.5 / 4)
-    warmup.on_epoch_begin(7)
-    warmup.on_train_batch_begin(3)
-    assert float(model.temperature) == 1.0
-    no_warmup = KLWarmup(model.temperature, 0)
-    no_warmup.set_model(model)
-    no_warmup.on_epoch_begin(0)
-    assert float(model.temperature) == 1.0
+    from cagem_tf.callbacks import step_decay
+    warmup = schedules.Warmup("temperature", epochs=4)
+    assert warmup(0) == 0.0 and warmup.name == "temperature"
+    assert warmup(0.5) == pytest.approx(0.5 / 4) and warmup(2.5) == pytest.approx(2.5 / 4)
+    assert warmup(7.3) == 1.0
+    assert schedules.Warmup("temperature", epochs=0)(0) == 1.0
     schedule = step_decay(1e-3, 0.75, 50)
     assert [schedule(e) for e in (0, 49, 50, 120)] == pytest.approx(
         [1e-3, 1e-3, 0.75e-3, 0.75 ** 2 * 1e-3])
+
+
+def test_the_step_sets_its_scheduled_weights_every_step_however_many_steps_a_call_runs():
+    """The schedules are computed in the step from the optimizer's count: one step per call
+    or several (Keras' steps_per_execution, here 3, which does not divide the epoch's 5
+    steps: the last call of an epoch runs 2) train the same model, and each step used the
+    weights of its own t."""
+    rng = np.random.default_rng(0)
+    x = (rng.random((8, 5)) < 0.5).astype(np.float32)
+    data = tf.data.Dataset.from_tensors({"x": x, "x_labelled": x[:4],
+                                         "y_labelled": np.array([0, 1, 0, 1])}).repeat(5)
+    moved = [schedules.Warmup("temperature", epochs=2),
+             schedules.Linear("label_weight", "alpha", start=50.0, epochs=2, end=10.0)]
+    runs = []
+    for steps_per_execution in (1, 3):
+        model = tiny_cagem()
+        model.compile(keras.optimizers.SGD(0.05), alpha=10.0,
+                      steps_per_execution=steps_per_execution)
+        model.schedule(moved, steps_per_epoch=5)
+        history = model.fit(data, epochs=3, verbose=0).history
+        runs.append((history, model))
+    # The logged alpha is the epoch's mean of the values its steps used.
+    expected = [np.mean([moved[1](epoch + b / 5) for b in range(5)]) for epoch in range(3)]
+    assert expected[0] > expected[1] > expected[2] == 10.0
+    for history, model in runs:
+        assert history["alpha"] == pytest.approx(expected, rel=1e-6)
+        assert float(model.temperature) == 1.0 and int(model.optimizer.iterations) == 15
+    (first, a), (second, b) = runs
+    assert first["loss"] == pytest.approx(second["loss"], rel=1e-6)
+    for va, vb in zip(a.weights, b.weights):
+        np.testing.assert_allclose(va.numpy(), vb.numpy(), atol=1e-6, err_msg=va.path)
+    # A run resumed at step 7 continues the line: its first step uses t = 7 / 5.
+    model = tiny_cagem()
+    model.compile(keras.optimizers.SGD(0.05), alpha=10.0)
+    model.schedule(moved, steps_per_epoch=5)
+    model.optimizer.iterations.assign(7)
+    out = model.train_step({"x": x, "x_labelled": x[:4], "y_labelled": np.array([0, 1, 0, 1])})
+    assert float(out["alpha"]) == pytest.approx(moved[1](7 / 5))
+    assert float(model.temperature) == pytest.approx(7 / 10)
 
 
 def test_batch_norm_moments_cover_every_leading_axis():

@@ -29,6 +29,7 @@ import sys
 import time
 
 from cagem_tf import cpu
+from cagem_tf.config import Config
 
 SETTINGS = {"suite": "full", "only": [], "dataset": None, "manual_dir": None, "data_dir": None,
             "steps": 15, "windows": 5, "iw_images": 4, "repeats": 3}
@@ -36,7 +37,8 @@ PAPER = {"lower": 1024, "upper": 512}
 SMALL = {"lower": 500, "upper": 256}
 TRAIN = {"clusters": 10, "batch": 100, "labels": 100, "intra": 0, "inter": 0, "xla": False,
          "tiled": False, "precision": "float32", "likelihood": "bernoulli",
-         "architecture": "mlp", "channels": 1, "optimizer": "fused"}
+         "architecture": "mlp", "channels": 1, "optimizer": "fused",
+         "steps_per_execution": Config.steps_per_execution}  # the training program's
 IW = {"clusters": 10, "estimator": "exact", "samples": 5000, "chunk": None, "images": None,
       "xla": False, "intra": 0, "inter": 0}
 TEST_IMAGES = 10000
@@ -63,6 +65,7 @@ def suite():
     rows += [("train", {**PAPER, "batch": b}) for b in (50, 200, 500)]
     rows += [("train", {**PAPER, "intra": i, "inter": j}) for i, j in ((1, 1), (2, 1), (1, 2))]
     rows += [("train", {**PAPER, "xla": True})]
+    rows += [("train", {**size, "steps_per_execution": 1}) for size in (PAPER, SMALL)]
     # Keras' Adam beside the fused one, at both sizes.
     rows += [("optimizer", {**size, "optimizer": o}) for size in (PAPER, SMALL)
              for o in ("keras", "fused")]
@@ -226,13 +229,14 @@ def _trainer(spec, tiled):
         batch["y_labelled"] = (np.arange(L) % K).astype(np.int32)
     adam = optimizer.Adam if spec["optimizer"] == "fused" else keras.optimizers.Adam
     model.compile(adam(1e-3), alpha=1.0 if L else 0.0,
-                  jit_compile=spec["xla"])
-    data = tf.data.Dataset.from_tensors(batch).repeat()
-    model.fit(data, steps_per_epoch=3, epochs=1, verbose=0)  # tracing
+                  jit_compile=spec["xla"], steps_per_execution=spec["steps_per_execution"])
+    # Finite windows: with several steps per call, a window ends where its data does.
+    one = tf.data.Dataset.from_tensors(batch)
+    model.fit(one.repeat(3), epochs=1, verbose=0)  # tracing
 
     def run(windows):
         timer = _window_timer()
-        model.fit(data, steps_per_epoch=SETTINGS["steps"], epochs=windows, verbose=0,
+        model.fit(one.repeat(SETTINGS["steps"]), epochs=windows, verbose=0,
                   callbacks=[timer])
         return [t / SETTINGS["steps"] for t in timer.seconds]
 
@@ -343,6 +347,9 @@ def _describe(table, spec):
                      f"{spec['inter'] or 'default'}")
     if spec.get("xla"):
         parts.append("XLA")
+    if spec.get("steps_per_execution", TRAIN["steps_per_execution"]) != \
+            TRAIN["steps_per_execution"]:
+        parts.append(f"{spec['steps_per_execution']} step(s) per call")
     if spec.get("optimizer", "fused") != "fused":
         parts.append("**Keras' Adam** (eight elementwise ops per variable)")
     elif table == "optimizer":
@@ -412,8 +419,8 @@ def run(settings, out=print):
         f"{os.cpu_count()} cores; "
         f"TensorFlow {version('tensorflow')}; {time.strftime('%Y-%m-%d')}; suite "
         f"{SETTINGS['suite']}; train: batch {TRAIN['batch']} + {TRAIN['labels']} labelled, "
-        f"median of {SETTINGS['windows']} windows of {SETTINGS['steps']} steps; "
-        f"IW: S={IW['samples']}, chunks of 100 samples (exact) or 500 (sampled), "
+        f"median of {SETTINGS['windows']} windows of {SETTINGS['steps']} steps, "
+        f"{TRAIN['steps_per_execution']} steps per call unless named; IW: S={IW['samples']}, chunks of 100 samples (exact) or 500 (sampled), "
         f"{SETTINGS['iw_images']} images per call, median of {SETTINGS['repeats']} calls")
     current = None
     for table, spec in rows:

@@ -64,7 +64,8 @@ def run(torch_python: str, rounds: int = 3, steps: int = 15, windows: int = 5, o
         f"unlabelled step, K = {throughput.TRAIN['clusters']}, batch {throughput.TRAIN['batch']}, "
         f"float32, TensorFlow's default threads unless named, "
         f"{throughput.TRAIN['steps_per_execution']} steps per call (the training program's); "
-        f"median of {windows} windows of {steps} steps per process; {rounds} rounds, the variants alternating")
+        f"median of {windows} windows of {steps} steps per process; {rounds} rounds, the "
+        "variants alternating")
     out("\n| size | variant | examples/s per round | median | cagem-tf / variant |\n"
         "|---|---|---|---|---|")
     for key, rows in results.items():

@@ -108,7 +108,8 @@ def _mnist_like():
     import numpy as np
     from cagem_tf import data
     if SETTINGS["dataset"]:
-        return data.load(SETTINGS["dataset"], SETTINGS["data_dir"], SETTINGS["manual_dir"], log=lambda m: None)
+        return data.load(SETTINGS["dataset"], SETTINGS["data_dir"], SETTINGS["manual_dir"],
+                         log=lambda m: None)
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (60000, 28, 28), dtype=np.uint8)
     y = np.arange(60000) % 10
@@ -420,7 +421,8 @@ def run(settings, out=print):
         f"TensorFlow {version('tensorflow')}; {time.strftime('%Y-%m-%d')}; suite "
         f"{SETTINGS['suite']}; train: batch {TRAIN['batch']} + {TRAIN['labels']} labelled, "
         f"median of {SETTINGS['windows']} windows of {SETTINGS['steps']} steps, "
-        f"{TRAIN['steps_per_execution']} steps per call unless named; IW: S={IW['samples']}, chunks of 100 samples (exact) or 500 (sampled), "
+        f"{TRAIN['steps_per_execution']} steps per call unless named; IW: S={IW['samples']}, "
+        "chunks of 100 samples (exact) or 500 (sampled), "
         f"{SETTINGS['iw_images']} images per call, median of {SETTINGS['repeats']} calls")
     current = None
     for table, spec in rows:

@@ -334,6 +334,7 @@ class Streams:
     train: tf.data.Dataset
     num_unlabelled: int
     num_labelled: int
+    steps_per_epoch: int  # N_u // B: the last partial batch is dropped
 
 
 def streams(arrays: Arrays, labelled: np.ndarray, batch_size: int = 100,
@@ -370,4 +371,4 @@ def streams(arrays: Arrays, labelled: np.ndarray, batch_size: int = 100,
             lambda xy, s: (_observe(xy[0], s, likelihood), xy[1]), num_parallel_calls=autotune)
         train = tf.data.Dataset.zip(train, pairs).map(
             lambda u, xy: {**u, "x_labelled": xy[0], "y_labelled": xy[1]})
-    return Streams(train.prefetch(autotune), n, len(labelled))
+    return Streams(train.prefetch(autotune), n, len(labelled), n // batch_size)

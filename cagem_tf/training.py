@@ -82,7 +82,7 @@ def weight_schedules(config: Config, alpha: float) -> list:
     departures' anneals to 0 and, with --beta_start, alpha's move to its value `alpha` (with
     labels late, alpha is 0 until the departure ends and the move starts there)."""
     epochs = config.departure_epochs
-    moved = [schedules.Warmup("temperature", epochs=config.warmup_epochs),
+    moved = [schedules.Linear("temperature", start=0.0, epochs=config.warmup_epochs, end=1.0),
              schedules.Linear("usage_weight", start=config.cluster_usage, epochs=epochs),
              schedules.Linear("pseudo_weight", start=config.pseudo_labels, epochs=epochs),
              schedules.Linear("code_weight", start=config.z2_code, epochs=epochs),
@@ -100,7 +100,7 @@ def weight_schedules(config: Config, alpha: float) -> list:
 
 def _callbacks(config: Config, run: rundir.RunDir, model, checkpoint, stop, arrays, labelled,
                log, chief=True):
-    """The schedules, learning-rate decay, NaN stop, checkpoints; on the chief also
+    """Learning-rate decay, the departures' end, NaN stop, checkpoints; on the chief also
     TensorBoard summaries (training, periodic evaluation, settings) and periodic exports."""
     decay = callbacks.step_decay(config.learning_rate, config.lr_decay, config.lr_decay_epochs)
     fit_callbacks = [stop, keras.callbacks.LearningRateScheduler(decay),
@@ -133,14 +133,15 @@ def _callbacks(config: Config, run: rundir.RunDir, model, checkpoint, stop, arra
 
 def plan(config: Config, arrays, streams, model, initial_epoch: int) -> list[str]:
     """What the run will do, said before it starts."""
-    steps = streams.num_unlabelled // config.batch_size
+    steps = streams.steps_per_epoch
     run = rundir.RunDir(config.model_dir)
     lines = [f"{arrays.name}: {len(arrays.x_train)} training images ({streams.num_labelled} "
              f"labelled), {len(arrays.x_test)} evaluation images, {arrays.image_shape}; "
              f"K = {model.num_clusters} clusters; {model.count_params():,} parameters "
              f"(hidden {config.hidden_lower}/{config.hidden_upper})",
              f"epochs {initial_epoch + 1}..{config.epochs} of {steps} steps "
-             f"(batch {config.batch_size}); run directory {run.path}",
+             f"(batch {config.batch_size}; {model.steps_per_execution} per call of the "
+             f"compiled step); run directory {run.path}",
              f"CPU: {cpu.model_name()}, {cpu.cores()} cores; threads per op "
              f"{tf.config.threading.get_intra_op_parallelism_threads() or 'TensorFlow default'}"
              f", ops at once "
@@ -251,7 +252,7 @@ def _train(config: Config, arrays, labelled, clusters: int, strategy, log,
                                                keep=config.keep_checkpoints, log=log,
                                                scratch=scratch, stop=stop)
         initial_epoch = checkpoint.restore()
-    model.schedule(weight_schedules(config, alpha), streams.num_unlabelled // config.batch_size)
+    model.schedule(weight_schedules(config, alpha), streams.steps_per_epoch)
     if chief:
         files.write_json(run.model, {k: v for k, v in model.get_config().items()
                                       if k != "synchronized_bn"})

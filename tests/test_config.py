@@ -70,12 +70,14 @@ def test_the_plan_names_the_run_and_warns_of_a_long_cpu_run():
     from cagem_tf import training
     arrays = types.SimpleNamespace(name="mnist", x_train=np.zeros([60000]),
                                    x_test=np.zeros([10000]), image_shape=(28, 28, 1))
-    streams = types.SimpleNamespace(num_unlabelled=60000, num_labelled=20)
-    model = types.SimpleNamespace(num_clusters=10, count_params=lambda: 3_000_000)
+    streams = types.SimpleNamespace(num_unlabelled=60000, num_labelled=20, steps_per_epoch=600)
+    model = types.SimpleNamespace(num_clusters=10, count_params=lambda: 3_000_000,
+                                  steps_per_execution=10)
     paper = "\n".join(training.plan(Config(labels=20, model_dir="runs/x"), arrays, streams,
                                     model, 0))
     assert "60000 training images (20 labelled)" in paper and "epochs 1..1000 of 600 steps" in paper
     assert "tensorboard --logdir runs/x/logs" in paper
+    assert "10 per call of the compiled step" in paper
     if not training.tf.config.list_physical_devices("GPU"):
         assert "no GPU: 1000 epochs on a CPU take many hours" in paper
         assert "experiments/quickstart.flags" in paper

@@ -170,7 +170,7 @@ def test_training_stream_layout():
     labelled = data.labelled_indices(arrays.y_train, 6, 3, seed=0)
     s = data.streams(arrays, labelled, batch_size=25, labelled_batch_size=100, seed=0)
     assert (s.num_unlabelled, s.num_labelled) == (60, 6)
-    assert sum(1 for _ in s.train) == 2  # one pass over the unlabelled set, whole batches
+    assert sum(1 for _ in s.train) == 2 == s.steps_per_epoch  # one pass, whole batches
     batches = list(s.train)
     assert len(batches) == 2
     known = {x[i].tobytes(): y[i] for i in labelled}

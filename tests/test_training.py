@@ -140,11 +140,11 @@ def test_learns_clusters_from_a_handful_of_labels():
 
 def test_warmup_temperature_is_linear_in_steps():
     from cagem_tf.callbacks import step_decay
-    warmup = schedules.Warmup("temperature", epochs=4)
+    warmup = schedules.Linear("temperature", start=0.0, epochs=4, end=1.0)
     assert warmup(0) == 0.0 and warmup.name == "temperature"
     assert warmup(0.5) == pytest.approx(0.5 / 4) and warmup(2.5) == pytest.approx(2.5 / 4)
     assert warmup(7.3) == 1.0
-    assert schedules.Warmup("temperature", epochs=0)(0) == 1.0
+    assert schedules.Linear("temperature", start=0.0, epochs=0, end=1.0)(0) == 1.0
     schedule = step_decay(1e-3, 0.75, 50)
     assert [schedule(e) for e in (0, 49, 50, 120)] == pytest.approx(
         [1e-3, 1e-3, 0.75e-3, 0.75 ** 2 * 1e-3])
@@ -159,7 +159,7 @@ def test_the_step_sets_its_scheduled_weights_every_step_however_many_steps_a_cal
     x = (rng.random((8, 5)) < 0.5).astype(np.float32)
     data = tf.data.Dataset.from_tensors({"x": x, "x_labelled": x[:4],
                                          "y_labelled": np.array([0, 1, 0, 1])}).repeat(5)
-    moved = [schedules.Warmup("temperature", epochs=2),
+    moved = [schedules.Linear("temperature", start=0.0, epochs=2, end=1.0),
              schedules.Linear("label_weight", "alpha", start=50.0, epochs=2, end=10.0)]
     runs = []
     for steps_per_execution in (1, 3):

@@ -146,6 +146,19 @@ def _bench_error(program, *args):
     return result.returncode, result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.parametrize("programs", [(1, 2), (0, 0)])
+def test_the_full_suite_measures_precision_with_the_programs_threads_where_they_differ(
+        monkeypatch, programs):
+    from cagem_tf import cpu
+    from cagem_tf.benchmark import throughput
+    monkeypatch.setattr(cpu, "default_threads", lambda available=None: programs)
+    monkeypatch.setitem(throughput.SETTINGS, "suite", "full")
+    rows = [(spec["lower"], spec["precision"]) for table, spec in throughput.suite()
+            if table == "precision" and (spec.get("intra"), spec.get("inter")) == (1, 2)]
+    expected = [(w, p) for w in (1024, 500) for p in ("float32", "mixed_bfloat16")]
+    assert rows == (expected if programs == (1, 2) else [])
+
+
 def test_the_throughput_bench_names_its_tables_when_asked_for_another():
     code, last = _bench_error("bench/throughput.py", "--only=train,speed")
     assert code != 0 and last.startswith("error: --only speed: no such table") \

@@ -73,6 +73,11 @@ def suite():
     rows += [("precision", {**size, "precision": p})
              for size in (PAPER, SMALL, {"lower": 512, "upper": 256}, {"lower": 300, "upper": 100})
              for p in ("float32", "mixed_bfloat16")]
+    # And with the threads the programs pick on this CPU, where they differ from TensorFlow's.
+    intra, inter = cpu.default_threads()
+    if intra or inter:
+        rows += [("precision", {**size, "precision": p, "intra": intra, "inter": inter})
+                 for size in (PAPER, SMALL) for p in ("float32", "mixed_bfloat16")]
     rows += [("images", {**SMALL, "likelihood": lik, "architecture": arch, "channels": c})
              for c in (1, 3) for arch in ("mlp", "conv")
              for lik in ("bernoulli", "discretized_logistic")]

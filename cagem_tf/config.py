@@ -176,9 +176,10 @@ class Config(ModelSpec):
     steps_per_execution: int = _field(10, "Training steps per call of the compiled step "
                                       "(Keras' steps_per_execution): fewer calls from Python, "
                                       "the same steps (the weights' schedules are computed in "
-                                      "the step); with labels a step (mostly a call's first) "
-                                      "now and then computes its labelled cross-entropies "
-                                      "otherwise (1: runs repeat exactly; docs/results.md). The "
+                                      "the step); with labels Grappler's dependency optimizer "
+                                      "now and then makes a step (mostly a call's first) "
+                                      "compute its labelled cross-entropies otherwise (1: runs "
+                                      "repeat exactly; docs/results.md). The "
                                       "progress bar and Ctrl-C act between calls. --strategy "
                                       "multi_worker runs 1.")
     beta: float = _field(0.1, "alpha = beta * (N_u + N_l) / N_l weighs the labelled "

@@ -188,9 +188,10 @@ def test_the_step_sets_its_scheduled_weights_every_step_however_many_steps_a_cal
 
 def test_one_and_three_steps_per_call_train_the_same_model_on_unlabelled_batches():
     """Under the KL warm-up's schedule, 1 and 3 steps per call give the same losses and
-    weights. Unlabelled batches only: with labelled ones Keras' loop of several steps now and
-    then computes a step's labelled cross-entropies otherwise, mostly a call's first (measured,
-    docs/results.md, "Several steps per call"), which one step per call does not."""
+    weights. Unlabelled batches only: with labelled ones and several steps in one graph,
+    Grappler's dependency optimizer now and then makes a step, mostly a call's first, compute
+    its labelled cross-entropies otherwise (measured, docs/results.md, "Several steps per
+    call"), which one step per call does not."""
     rng = np.random.default_rng(0)
     batch = {"x": (rng.random((8, 5)) < 0.5).astype(np.float32)}
     moved = [schedules.Linear("temperature", start=0.0, epochs=2, end=1.0)]

@@ -176,12 +176,8 @@ class Config(ModelSpec):
     steps_per_execution: int = _field(10, "Training steps per call of the compiled step "
                                       "(Keras' steps_per_execution): fewer calls from Python, "
                                       "the same steps (the weights' schedules are computed in "
-                                      "the step); with labels Grappler's dependency optimizer "
-                                      "now and then makes a step (mostly a call's first) "
-                                      "compute its labelled cross-entropies otherwise (1: runs "
-                                      "repeat exactly; docs/results.md). The "
-                                      "progress bar and Ctrl-C act between calls. --strategy "
-                                      "multi_worker runs 1.")
+                                      "the step). The progress bar and Ctrl-C act between "
+                                      "calls. --strategy multi_worker runs 1.")
     beta: float = _field(0.1, "alpha = beta * (N_u + N_l) / N_l weighs the labelled "
                          "cross-entropies.")
     beta_start: float = _field(0.0, "beta at the start of training, moved linearly to --beta "

@@ -749,7 +749,8 @@ class CaGeM(keras.Model):
             weights = {t.weight: getattr(self, t.weight) for t in terms}
             losses = objective.training_losses(values, weights, terms)
             scaled = {group: loss / replicas for group, loss in losses.items()}  # summed
-        self.optimizer.apply(self._gradients(tape, scaled), self.trainable_variables)
+        self.optimizer.apply(self._ordered(self._gradients(tape, scaled), values),
+                             self.trainable_variables)
         values["loss"] = tf.add_n(list(losses.values()))
         return self._update(values)
 
@@ -766,6 +767,16 @@ class CaGeM(keras.Model):
                 if g is not None:
                     grads[i] = g if grads[i] is None else grads[i] + g
         return grads
+
+    @staticmethod
+    def _ordered(gradients, values):
+        """The gradients, made to wait for every value of the step, so that each update waits
+        for every read of its variable. Without this, Grappler's dependency optimizer drops the
+        edge from the labelled pass's reads of q(z1|x) and q(z2|.) (whose gradients come from
+        the ELBO alone) to their updates, as implied through the all-reduce's IdentityN that it
+        then splits per gradient; a read could then see the updated weights."""
+        with tf.control_dependencies(list(values.values())):
+            return [None if g is None else tf.identity(g) for g in gradients]
 
     def _update(self, values):
         """Updates the trackers with the step's values; returns their results."""

@@ -1,5 +1,7 @@
 """The benchmark's reference model and FLOP count: the comparison they support must be fair."""
 
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -133,6 +135,36 @@ def test_the_pytorch_comparison_needs_a_python_and_says_so_in_one_line(tmp_path)
     code, last = _bench_error("bench/versus_torch.py", f"--torch_python={tmp_path / 'no-python'}")
     assert code != 0 and last.startswith("error: --torch_python") and \
         "pip install torch" in last
+
+
+def test_the_code_comparison_refuses_a_directory_without_the_library_in_one_line(tmp_path):
+    code, last = _bench_error("bench/versus_code.py", f"--baseline={tmp_path}")
+    assert code != 0 and last.startswith(f"error: --baseline {tmp_path}: no ") and \
+        "git worktree add" in last
+
+
+@pytest.mark.e2e
+def test_the_code_comparison_measures_each_checkout_with_its_own_code(tmp_path, monkeypatch):
+    """The baseline's processes import the baseline: a copy of the library whose train
+    measurement reports 1 example/s is what the table shows for it, alternating rounds."""
+    import shutil
+    from cagem_tf.benchmark import throughput, versus_code
+    shutil.copytree(os.path.join(versus_code.HERE, "cagem_tf"), tmp_path / "cagem_tf")
+    child = tmp_path / versus_code.CHILD
+    main = 'if __name__ == "__main__":'
+    child.write_text(child.read_text().replace(
+        main, "def measure_train(spec):\n    return {'examples_per_s': 1.0}\n\n\n" + main))
+    monkeypatch.setitem(throughput.SETTINGS, "steps", 2)
+    monkeypatch.setitem(throughput.SETTINGS, "windows", 1)
+    lines = []
+    spec = versus_code.program_row({"lower": 64, "upper": 32}, labels=10)
+    result = versus_code.run(str(tmp_path), 2, spec, out=lines.append)
+    assert result["baseline"] == [1.0, 1.0]
+    assert all(v > 1.0 for v in result["this checkout"])
+    assert result["ratios"] == result["this checkout"]
+    table = "\n".join(lines)
+    assert "| baseline (" in table and "not a git checkout" in table
+    assert table.splitlines()[-1].startswith("| this checkout / baseline |")
 
 
 def _bench_error(program, *args):

@@ -329,11 +329,15 @@ def child(payload):
     print("RESULT" + json.dumps(measure(spec)))
 
 
-def run_child(table, spec):
+def run_child(table, spec, checkout: str | None = None):
+    """One measurement in a fresh process; `checkout`: the root of another checkout of the
+    library to import it from (its own child runs; `python -m` starts in that directory)."""
     args = [sys.executable, "-m", "cagem_tf.benchmark.throughput",
             json.dumps([table, spec, SETTINGS])]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    out = subprocess.run(args, capture_output=True, text=True, env=env)
+    if checkout:
+        env["PYTHONPATH"] = checkout
+    out = subprocess.run(args, capture_output=True, text=True, env=env, cwd=checkout)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT")]
     if not lines:
         raise RuntimeError(f"measurement {table} {spec} failed:\n{out.stderr[-3000:]}")

@@ -32,11 +32,15 @@ def check_baseline(baseline: str) -> None:
 
 
 def _commit(root: str) -> str:
-    out = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
-                         capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
-    return (out.stdout.strip() or "not a git checkout") + (" with changes" if dirty else "")
+    def git(*args):
+        try:
+            return subprocess.run(["git", "-C", root, *args], capture_output=True,
+                                  text=True).stdout.strip()
+        except OSError:  # no git on this machine
+            return ""
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return (git("rev-parse", "--short", "HEAD") or "not a git checkout") + \
+        (" with changes" if dirty else "")
 
 
 def run(baseline: str, rounds: int, spec: dict, out=print) -> dict:

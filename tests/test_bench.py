@@ -149,7 +149,7 @@ def test_the_code_comparison_measures_each_checkout_with_its_own_code(tmp_path, 
     measurement reports 1 example/s is what the table shows for it, alternating rounds."""
     import shutil
     from cagem_tf.benchmark import throughput, versus_code
-    shutil.copytree(os.path.join(versus_code.HERE, "cagem_tf"), tmp_path / "cagem_tf")
+    shutil.copytree(os.path.join(throughput.ROOT, "cagem_tf"), tmp_path / "cagem_tf")
     child = tmp_path / versus_code.CHILD
     main = 'if __name__ == "__main__":'
     child.write_text(child.read_text().replace(

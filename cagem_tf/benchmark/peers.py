@@ -24,8 +24,7 @@ VARIANTS = ("cagem-tf",
 
 
 def _torch_child(torch_python: str, spec: dict) -> dict:
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, PYTHONPATH=root)
+    env = dict(os.environ, PYTHONPATH=throughput.ROOT)
     out = subprocess.run([torch_python, "-m", "cagem_tf.benchmark.torch_peer", json.dumps(spec)],
                          capture_output=True, text=True, env=env, timeout=3600)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT")]
@@ -52,15 +51,13 @@ def measure(torch_python: str, size: dict, steps: int, windows: int) -> dict:
 def run(torch_python: str, rounds: int = 3, steps: int = 15, windows: int = 5, out=print):
     """Prints one Markdown table: examples/s per round and their median, per size and variant,
     with the ratio of the library's median to each peer's."""
-    from importlib.metadata import version
     results = {}
     for _ in range(rounds):
         for size in SIZES:
             key = f"{size['lower']}/{size['upper']}"
             results.setdefault(key, []).append(measure(torch_python, size, steps, windows))
     first = next(iter(results.values()))[0]
-    out(f"machine: {cpu.describe()}, "
-        f"{os.cpu_count()} cores; TensorFlow {version('tensorflow')}, PyTorch {first['torch']}; "
+    out(f"{throughput.machine()}, PyTorch {first['torch']}; "
         f"unlabelled step, K = {throughput.TRAIN['clusters']}, batch {throughput.TRAIN['batch']}, "
         f"float32, TensorFlow's default threads unless named, "
         f"{throughput.TRAIN['steps_per_execution']} steps per call (the training program's); "

@@ -33,6 +33,8 @@ from cagem_tf.config import Config
 
 SETTINGS = {"suite": "full", "only": [], "dataset": None, "manual_dir": None, "data_dir": None,
             "steps": 15, "windows": 5, "iw_images": 4, "repeats": 3}
+# The checkout this library runs from (the directory that holds cagem_tf/).
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PAPER = {"lower": 1024, "upper": 512}
 SMALL = {"lower": 500, "upper": 256}
 TRAIN = {"clusters": 10, "batch": 100, "labels": 100, "intra": 0, "inter": 0, "xla": False,
@@ -420,14 +422,18 @@ HEADERS = {
 }
 
 
+def machine() -> str:
+    """The first words of every benchmark table: the CPU and its instruction sets, the cores,
+    TensorFlow's version."""
+    from importlib.metadata import version
+    return f"machine: {cpu.describe()}, {os.cpu_count()} cores; TensorFlow {version('tensorflow')}"
+
+
 def run(settings, out=print):
     """Prints every table of the suite in `settings`, one row per subprocess."""
-    from importlib.metadata import version
     SETTINGS.update(settings)
     rows = [(t, s) for t, s in suite() if not SETTINGS["only"] or t in SETTINGS["only"]]
-    out(f"machine: {cpu.describe()}, "
-        f"{os.cpu_count()} cores; "
-        f"TensorFlow {version('tensorflow')}; {time.strftime('%Y-%m-%d')}; suite "
+    out(f"{machine()}; {time.strftime('%Y-%m-%d')}; suite "
         f"{SETTINGS['suite']}; train: batch {TRAIN['batch']} + {TRAIN['labels']} labelled, "
         f"median of {SETTINGS['windows']} windows of {SETTINGS['steps']} steps, "
         f"{TRAIN['steps_per_execution']} steps per call unless named; IW: S={IW['samples']}, "

@@ -15,7 +15,6 @@ import time
 from cagem_tf import cpu
 from cagem_tf.benchmark import throughput
 
-HERE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHILD = os.path.join("cagem_tf", "benchmark", "throughput.py")
 
 
@@ -46,19 +45,18 @@ def _commit(root: str) -> str:
 def run(baseline: str, rounds: int, spec: dict, out=print) -> dict:
     """Prints one Markdown table: examples/s per round and the median of each checkout, and
     this checkout's over the baseline's per round with their median. Returns the lists."""
-    from importlib.metadata import version
     check_baseline(baseline)
-    checkouts = {"this checkout": HERE, "baseline": os.path.abspath(baseline)}
+    checkouts = {"this checkout": throughput.ROOT, "baseline": os.path.abspath(baseline)}
     speeds = {name: [] for name in checkouts}
     for r in range(rounds):
         for name in (list(checkouts) if r % 2 == 0 else list(checkouts)[::-1]):
             result = throughput.run_child("train", spec, checkout=checkouts[name])
             speeds[name].append(result["examples_per_s"])
     ratios = [a / b for a, b in zip(speeds["this checkout"], speeds["baseline"])]
-    out(f"machine: {cpu.describe()}, {os.cpu_count()} cores; TensorFlow {version('tensorflow')}; "
-        f"{time.strftime('%Y-%m-%d')}; train step: {throughput._describe('train', spec)}, batch "
-        f"{spec['batch']} + {spec['labels']} labelled, {spec['steps_per_execution']} steps per "
-        f"call; median of {throughput.SETTINGS['windows']} windows of "
+    out(f"{throughput.machine()}; {time.strftime('%Y-%m-%d')}; train step: "
+        f"{throughput._describe('train', spec)}, batch {spec['batch']} + {spec['labels']} "
+        f"labelled, {spec['steps_per_execution']} steps per call; median of "
+        f"{throughput.SETTINGS['windows']} windows of "
         f"{throughput.SETTINGS['steps']} steps per process; {rounds} rounds, which checkout "
         "runs first alternating")
     out("\n| checkout | commit | examples/s per round | median |\n|---|---|---|---|")

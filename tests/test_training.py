@@ -1,5 +1,6 @@
 """The train step: gradients of the cross-entropies, batch-norm statistics, and learning."""
 
+import functools
 import json
 import os
 
@@ -150,13 +151,23 @@ def test_warmup_temperature_is_linear_in_steps():
         [1e-3, 1e-3, 0.75e-3, 0.75 ** 2 * 1e-3])
 
 
-def _fit_with_schedules(batch, moved, steps_per_execution, alpha):
-    """A tiny CaGeM fitted for 3 epochs of 5 copies of `batch` under the schedules `moved`."""
+_X = (np.random.default_rng(0).random((8, 5)) < 0.5).astype(np.float32)
+_LABELLED = {"x": _X, "x_labelled": _X[:4], "y_labelled": np.array([0, 1, 0, 1])}
+_MOVED = [schedules.Linear("temperature", start=0.0, epochs=2, end=1.0),
+          schedules.Linear("label_weight", "alpha", start=50.0, epochs=2, end=10.0)]
+
+
+@functools.lru_cache(maxsize=None)
+def _fitted(labelled: bool, steps_per_execution: int):
+    """(history, model): a tiny CaGeM fitted for 3 epochs of 5 copies of one batch under the
+    warm-up's schedule, with labels also alpha's (10 at the end). Shared by the tests below,
+    which only read it."""
+    batch = _LABELLED if labelled else {"x": _X}
     data = tf.data.Dataset.from_tensors(batch).repeat(5)
     model = tiny_cagem()
-    model.compile(keras.optimizers.SGD(0.05), alpha=alpha,
+    model.compile(keras.optimizers.SGD(0.05), alpha=10.0 * labelled,
                   steps_per_execution=steps_per_execution)
-    model.schedule(moved, steps_per_epoch=5)
+    model.schedule(_MOVED if labelled else _MOVED[:1], steps_per_epoch=5)
     return model.fit(data, epochs=3, verbose=0).history, model
 
 
@@ -164,25 +175,20 @@ def test_the_step_sets_its_scheduled_weights_every_step_however_many_steps_a_cal
     """The schedules are computed in the step from the optimizer's count: with one step per
     call or several (Keras' steps_per_execution, here 3, which does not divide the epoch's 5
     steps: the last call of an epoch runs 2) each step uses the weights of its own t."""
-    rng = np.random.default_rng(0)
-    x = (rng.random((8, 5)) < 0.5).astype(np.float32)
-    batch = {"x": x, "x_labelled": x[:4], "y_labelled": np.array([0, 1, 0, 1])}
-    moved = [schedules.Linear("temperature", start=0.0, epochs=2, end=1.0),
-             schedules.Linear("label_weight", "alpha", start=50.0, epochs=2, end=10.0)]
     # The logged alpha is the epoch's mean of the values its steps used.
-    expected = [np.mean([moved[1](epoch + b / 5) for b in range(5)]) for epoch in range(3)]
+    expected = [np.mean([_MOVED[1](epoch + b / 5) for b in range(5)]) for epoch in range(3)]
     assert expected[0] > expected[1] > expected[2] == 10.0
     for steps_per_execution in (1, 3):
-        history, model = _fit_with_schedules(batch, moved, steps_per_execution, alpha=10.0)
+        history, model = _fitted(True, steps_per_execution)
         assert history["alpha"] == pytest.approx(expected, rel=1e-6)
         assert float(model.temperature) == 1.0 and int(model.optimizer.iterations) == 15
     # A run resumed at step 7 continues the line: its first step uses t = 7 / 5.
     model = tiny_cagem()
     model.compile(keras.optimizers.SGD(0.05), alpha=10.0)
-    model.schedule(moved, steps_per_epoch=5)
+    model.schedule(_MOVED, steps_per_epoch=5)
     model.optimizer.iterations.assign(7)
-    out = model.train_step(batch)
-    assert float(out["alpha"]) == pytest.approx(moved[1](7 / 5))
+    out = model.train_step(_LABELLED)
+    assert float(out["alpha"]) == pytest.approx(_MOVED[1](7 / 5))
     assert float(model.temperature) == pytest.approx(7 / 10)
 
 
@@ -192,15 +198,7 @@ def test_one_and_three_steps_per_call_train_the_same_model(labelled):
     the same losses and weights. With labelled batches this failed now and then until each
     update was made to wait for the step's values (`CaGeM._ordered`; docs/results.md,
     "Several steps per call"); the ordering itself is tested on the graph below."""
-    rng = np.random.default_rng(0)
-    x = (rng.random((8, 5)) < 0.5).astype(np.float32)
-    batch = {"x": x, "x_labelled": x[:4], "y_labelled": np.array([0, 1, 0, 1])} if labelled \
-        else {"x": x}
-    moved = [schedules.Linear("temperature", start=0.0, epochs=2, end=1.0)]
-    if labelled:
-        moved.append(schedules.Linear("label_weight", "alpha", start=50.0, epochs=2, end=10.0))
-    (first, a), (second, b) = (_fit_with_schedules(batch, moved, steps, alpha=10.0 * labelled)
-                               for steps in (1, 3))
+    (first, a), (second, b) = _fitted(labelled, 1), _fitted(labelled, 3)
     assert first["loss"] == pytest.approx(second["loss"], rel=1e-6)
     assert first["loss"][0] != pytest.approx(first["loss"][2], rel=1e-2)  # it learned
     for va, vb in zip(a.weights, b.weights):
@@ -274,10 +272,7 @@ def test_after_grappler_every_read_of_a_variable_in_the_steps_is_ordered_with_it
     from the labelled pass's reads of q(z1|x) and q(z2|.) to their updates (docs/results.md,
     "Several steps per call"), and a step then now and then read updated weights."""
     from cagem_tf.optimizer import Adam
-    rng = np.random.default_rng(0)
-    x = (rng.random((8, 5)) < 0.5).astype(np.float32)
-    batch = {"x": tf.constant(x), "x_labelled": tf.constant(x[:4]),
-             "y_labelled": tf.constant([0, 1, 0, 1])}
+    batch = {key: tf.constant(value) for key, value in _LABELLED.items()}
     model = tiny_cagem()
     model.compile({"sgd": keras.optimizers.SGD(0.05), "fused_adam": Adam(1e-3)}[optimizer],
                   alpha=10.0, **departures)

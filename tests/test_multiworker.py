@@ -150,13 +150,14 @@ def _threads(pid):
         return int(next(line for line in f if line.startswith("Threads:")).split()[1])
 
 
-def test_three_hundred_steps_with_the_defaults_keep_the_thread_count_bounded(tiny_npz, tmp_path,
-                                                                               processes):
+def test_two_hundred_steps_with_the_defaults_keep_the_thread_count_bounded(tiny_npz, tmp_path,
+                                                                             processes):
     # With a collective timeout TensorFlow kept a thread waiting per collective: ~1,400 more
-    # a second until the workers aborted (after ~25 s); 300 steps run past that, and the
-    # bound of 400 threads is crossed within a second of such steps.
+    # a second until the workers aborted (after ~25 s); the workers here live past that (more
+    # than 30 counts a second apart), and the bound of 400 threads is crossed within a second
+    # of such steps.
     run = str(tmp_path / "run")
-    settings = _settings(tiny_npz, run, epochs=3, batch_size=4)  # 100 steps an epoch
+    settings = _settings(tiny_npz, run, epochs=2, batch_size=4)  # 100 steps an epoch
     settings.pop("collective_timeout", None)
     workers = _cluster(settings, tmp_path, processes)
     counts = []
@@ -169,5 +170,5 @@ def test_three_hundred_steps_with_the_defaults_keep_the_thread_count_bounded(tin
     for worker in workers:
         out, err = worker.communicate()
         assert worker.returncode == 0, err[-3000:]
-    assert tf.train.latest_checkpoint(os.path.join(run, "checkpoints")).endswith("ckpt-3")
-    assert len(counts) > 5 and max(counts) < 400, counts
+    assert tf.train.latest_checkpoint(os.path.join(run, "checkpoints")).endswith("ckpt-2")
+    assert len(counts) > 30 and max(counts) < 400, counts

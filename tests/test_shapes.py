@@ -140,19 +140,21 @@ def test_different_number_of_clusters_unsupervised():
 @pytest.mark.parametrize("estimator", ["exact", "sampled"])
 def test_the_row_independent_iw_bound_answers_a_row_in_a_batch_as_it_answers_it_alone(estimator):
     model, x, seed = tiny_cagem(num_clusters=K), _x(B), tf.constant([3, 4])
-    bound = lambda rows: model.iw_bound(rows, 30, 8, seed, estimator, row_independent=True)
-    batch = bound(x).numpy()
+    # Compiled, as the export serves it (eager loops over chunks cost seconds per call).
+    iw = tf.function(lambda rows, samples, chunk, independent: model.iw_bound(
+        rows, samples, chunk, seed, estimator, row_independent=independent))
+    batch = iw(x, 30, 8, True).numpy()
     for i in range(B):
-        np.testing.assert_allclose(batch[i], bound(x[i:i + 1]).numpy()[0], atol=1e-5)
-    default = model.iw_bound(x, 30, 8, seed, estimator).numpy()
-    assert not np.allclose(default[1], model.iw_bound(x[1:2], 30, 8, seed, estimator)[0])
+        np.testing.assert_allclose(batch[i], iw(x[i:i + 1], 30, 8, True).numpy()[0], atol=1e-5)
+    default = iw(x, 30, 8, False).numpy()
+    assert not np.allclose(default[1], iw(x[1:2], 30, 8, False).numpy()[0])
     # The same estimator either way: with q near the posterior (heads halved, as in
     # test_exactness) the two bounds agree within their Monte Carlo noise.
     for net in (model.q_z1, model.q_y, model.q_z2, model.p_y, model.p_z1, model.p_x):
         for head in net.heads:
             head.kernel.assign(0.5 * head.kernel)
-    shared = model.iw_bound(x, 5000, 500, seed, estimator, row_independent=True).numpy()
-    own = model.iw_bound(x, 5000, 500, seed, estimator).numpy()
+    shared = iw(x, 5000, 500, True).numpy()
+    own = iw(x, 5000, 500, False).numpy()
     np.testing.assert_allclose(shared, own, atol=0.3)       # per image: about 0.1 of noise
     assert abs(shared.mean() - own.mean()) < 0.1
 

@@ -80,7 +80,8 @@ def default_threads(available: int | None = None) -> tuple[int, int]:
     On two cores or fewer, one thread per op and one op per core at once: the step's six
     networks give independent ops, and two single-threaded ops beat each op split over both
     cores (8-15% more examples/s at paper size on 2-core AVX-512 machines, 4-12% on AMX; on
-    an AVX2-only EPYC 2-21% fewer at paper size in three runs, 1-18% more at 500/256 in two;
+    an AVX2-only EPYC 2-21% fewer at paper size in four runs but level, 0.98x, when the two
+    settings alternated over six rounds, and 1-18% more at 500/256 in three;
     docs/performance.md). On more cores this is unmeasured: TensorFlow's choice.
     """
     n = cores() if available is None else available

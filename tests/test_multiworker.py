@@ -154,8 +154,8 @@ def test_two_hundred_steps_with_the_defaults_keep_the_thread_count_bounded(tiny_
                                                                              processes):
     # With a collective timeout TensorFlow kept a thread waiting per collective: ~1,400 more
     # a second until the workers aborted (after ~25 s); the workers here live past that (more
-    # than 30 counts a second apart), and the bound of 400 threads is crossed within a second
-    # of such steps.
+    # than 30 counts a second apart, start-up included; 110 s alone on a 2-core AVX2 EPYC),
+    # and the bound of 400 threads is crossed within a second of such steps.
     run = str(tmp_path / "run")
     settings = _settings(tiny_npz, run, epochs=2, batch_size=4)  # 100 steps an epoch
     settings.pop("collective_timeout", None)

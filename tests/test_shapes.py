@@ -140,7 +140,7 @@ def test_different_number_of_clusters_unsupervised():
 @pytest.mark.parametrize("estimator", ["exact", "sampled"])
 def test_the_row_independent_iw_bound_answers_a_row_in_a_batch_as_it_answers_it_alone(estimator):
     model, x, seed = tiny_cagem(num_clusters=K), _x(B), tf.constant([3, 4])
-    # Compiled, as the export serves it (eager loops over chunks cost seconds per call).
+    # Compiled, as the export serves it (eager loops over chunks cost about 1 s a call).
     iw = tf.function(lambda rows, samples, chunk, independent: model.iw_bound(
         rows, samples, chunk, seed, estimator, row_independent=independent))
     batch = iw(x, 30, 8, True).numpy()

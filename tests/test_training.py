@@ -122,7 +122,7 @@ def test_learns_clusters_from_a_handful_of_labels():
                   hidden_upper=(32, 32), seed=1)
     model.compile(keras.optimizers.Adam(3e-3),
                   alpha=objective.alpha(0.1, len(x_train), len(labelled)),
-                  steps_per_execution=10)  # the programs' default; 2-3x faster here
+                  steps_per_execution=10)  # the programs' default; fewer Python calls
     x_l = tf.data.Dataset.from_tensor_slices(
         (x_train[labelled], y_train[labelled])).repeat().shuffle(6, seed=0).batch(6)
     x_u = tf.data.Dataset.from_tensor_slices(x_train).repeat().shuffle(1200, seed=0).batch(50)

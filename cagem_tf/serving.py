@@ -33,7 +33,6 @@ import os
 import re
 import shutil
 
-import keras
 import tensorflow as tf
 
 from cagem_tf.files import UserError
@@ -190,23 +189,29 @@ def export(model, export_dir: str, keep: int = 0, iw_samples=IW_SAMPLES) -> str:
     version = next_version(export_dir)
     final = os.path.join(export_dir, str(version))
     tmp = os.path.join(export_dir, f".tmp-{version}-{os.getpid()}")
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    # What x is to the model, for its clients (cagem-classify binarizes for "bernoulli"): a
-    # string variable, read with tf.saved_model.load(path).likelihood[0].numpy().
-    archive.add_variable_collection("likelihood", [
-        tf.Variable(model.spec.likelihood, trainable=False, name="likelihood")])
     if not iw_samples or min(iw_samples) < 1:
         raise ExportError(f"iw_samples {list(iw_samples)}: give one or more positive counts")
+    # tf.saved_model.save on a module of tf.functions with input signatures traces each once,
+    # in its save context; Keras' ExportArchive traced each before that too (the save context
+    # is part of the tracing key), which made an export take about twice as long.
+    root = tf.Module()
+    # The TensorFlow variables under Keras' (what the functions capture): TF1 loaders such as
+    # saved_model_cli restore only the variables tracked as themselves.
+    root.model_variables = [v.value for v in model.variables]
+    # What x is to the model, for its clients (cagem-classify binarizes for "bernoulli"): a
+    # string variable, read with tf.saved_model.load(path).likelihood[0].numpy().
+    root.likelihood = [tf.Variable(model.spec.likelihood, trainable=False, name="likelihood")]
     # The served networks with batch norm folded into their weights, computed once here: the
     # weights of an export do not change (docs/performance.md).
     with model.folded_batch_norm() as folded:
-        if folded:
-            archive.add_variable_collection("folded_batch_norm", folded)
+        root.folded_batch_norm = folded
+        signatures = {}
         for name, fn, signature in _endpoints(model, tuple(int(s) for s in iw_samples)):
-            archive.add_endpoint(name, fn, input_signature=signature)
+            signatures[name] = tf.function(fn, input_signature=signature, autograph=False)
+            setattr(root, name, signatures[name])
+        signatures["serving_default"] = signatures["classify"]
         try:
-            archive.write_out(tmp, verbose=False)
+            tf.saved_model.save(root, tmp, signatures=signatures)
         except (OSError, tf.errors.OpError) as e:
             shutil.rmtree(tmp, ignore_errors=True)
             reason = os.strerror(e.errno) if getattr(e, "errno", None) else str(e).splitlines()[0]

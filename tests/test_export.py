@@ -157,11 +157,18 @@ def test_bad_inputs_name_the_expected_shape_or_range(loaded, signature, kwargs, 
 
 
 @pytest.mark.e2e  # a whole training run or export
-def test_second_export_is_a_new_version(model, tmp_path):
+def test_second_export_is_a_new_version_and_traces_each_signature_once(model, tmp_path,
+                                                                        monkeypatch):
     export_dir = str(tmp_path / "serve")
     first = serving.export(model, export_dir)
     stamp = os.path.getmtime(os.path.join(first, "saved_model.pb"))
+    traced = []  # a Python call of the model's method is a trace of the signature using it
+    for method in ("reconstruct", "encode"):
+        original = getattr(model, method)
+        monkeypatch.setattr(model, method, lambda *a, _f=original, _m=method, **k: (
+            traced.append(_m), _f(*a, **k))[1])
     second = serving.export(model, export_dir)
+    assert sorted(traced) == ["encode", "reconstruct"]  # a second trace doubled export times
     assert (os.path.basename(first), os.path.basename(second)) == ("1", "2")
     assert os.path.getmtime(os.path.join(first, "saved_model.pb")) == stamp
     assert sorted(os.listdir(export_dir)) == ["1", "2"]  # no temporary left behind

@@ -175,7 +175,7 @@ def test_a_full_disk_while_exporting_keeps_the_earlier_versions(tmp_path, monkey
     export_dir = str(tmp_path / "export")
     first = serving.export(model, export_dir, iw_samples=(10,))
 
-    def save(obj, path, *args, **kwargs):  # what Keras' ExportArchive.write_out calls
+    def save(obj, path, *args, **kwargs):  # what serving.export calls to write
         os.makedirs(path)
         open(os.path.join(path, "saved_model.pb"), "w").write("partial")
         _full_disk()

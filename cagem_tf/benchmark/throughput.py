@@ -12,8 +12,9 @@ reference in alternating windows of one process; the IW bound (test images/s and
 time for the 10,000 MNIST test images) against estimator, S, chunk size, images per call, K and
 XLA.
 
-Each row runs in a fresh subprocess (`python -m cagem_tf.benchmark.throughput ROW`), so that its
-peak resident memory (ru_maxrss) and its thread settings are its own. Timings exclude tracing (a
+Each measurement runs in a fresh subprocess (`python -m cagem_tf.benchmark.throughput ROW`), so
+that its peak resident memory (ru_maxrss) and its thread settings are its own; a train step with
+the same settings in two tables (train, optimizer, precision) is measured once. Timings exclude tracing (a
 first call is run and discarded) and are medians over windows, which keeps a passing stall of
 the machine out of the numbers.
 
@@ -322,6 +323,9 @@ def measure_iw(spec):
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+SAME_MEASUREMENT = {"precision": "train", "optimizer": "train"}
+
+
 def child(payload):
     table, spec, settings = json.loads(payload)
     SETTINGS.update(settings)
@@ -438,8 +442,9 @@ def run(settings, out=print):
         f"median of {SETTINGS['windows']} windows of {SETTINGS['steps']} steps, "
         f"{TRAIN['steps_per_execution']} steps per call unless named; IW: S={IW['samples']}, "
         "chunks of 100 samples (exact) or 500 (sampled), "
-        f"{SETTINGS['iw_images']} images per call, median of {SETTINGS['repeats']} calls")
-    current = None
+        f"{SETTINGS['iw_images']} images per call, median of {SETTINGS['repeats']} calls; "
+        "a train step with the same settings in two tables is one measurement")
+    current, measured = None, {}
     for table, spec in rows:
         spec = {**(IW if table == "iw" else
                    TRAIN if table in ("train", "precision", "optimizer", "versus", "images")
@@ -448,7 +453,12 @@ def run(settings, out=print):
         if table != current:
             out("\n" + HEADERS[table][0])
             current = table
-        out(HEADERS[table][1](spec, run_child(table, spec)))
+        # The train, optimizer and precision tables measure the same step: a row with the
+        # settings of one measured earlier in this run shows that measurement.
+        key = json.dumps([SAME_MEASUREMENT.get(table, table), spec], sort_keys=True)
+        if key not in measured:
+            measured[key] = run_child(table, spec)
+        out(HEADERS[table][1](spec, measured[key]))
 
 
 if __name__ == "__main__":

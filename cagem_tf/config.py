@@ -206,7 +206,8 @@ class Config(ModelSpec):
                                   "skips it.")
     eval_subset: int = _field(1000, "Evaluation images (the first ones).")
     export_every: int = _field(10, "SavedModel exports after the first epoch, then every this "
-                               "many epochs, and at the end; 0: only at the end.")
+                               "many epochs, and at the end; 0: only at the end; -1: none "
+                               "(export a checkpoint later with export/main.py).")
     export_iw_samples: list[int] = _field([1000], "Importance samples S of the exported "
                                           "log_likelihood_<S> signatures (one or more).")
     keep_exports: int = _field(3, "Export versions kept (the newest; TF Serving serves the "
@@ -272,12 +273,15 @@ class Config(ModelSpec):
             if getattr(self, key) < 1:
                 raise ConfigError(f"--{key} {getattr(self, key)}: must be at least 1")
         for key in ("warmup_epochs", "eval_every", "eval_iw_samples", "eval_subset",
-                    "export_every", "keep_exports", "validation", "clusters", "labels",
+                    "keep_exports", "validation", "clusters", "labels",
                     "collective_timeout",
                     "clip_norm", "cluster_usage", "pseudo_labels",
                     "z2_code", "labelled_elbo", "departure_epochs"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"--{key} {getattr(self, key)}: must be 0 or more")
+        if self.export_every < -1:
+            raise ConfigError(f"--export_every {self.export_every}: give 0 or more, or -1 for "
+                              "no exports")
         if self.labels_seed < -1:
             raise ConfigError(f"--labels_seed {self.labels_seed}: give a seed >= 0, or -1 "
                               "for --seed's subset")

@@ -124,7 +124,7 @@ def _callbacks(config: Config, run: rundir.RunDir, model, checkpoint, stop, arra
         arrays.num_classes, config.eval_every if n_eval else 0, config.eval_iw_samples,
         config.epochs, report_errors=bool(config.labels), seed=config.seed, log=log,
         hparams=hparams, stop=stop))
-    if config.export_every:
+    if config.export_every > 0:
         fit_callbacks.append(callbacks.PeriodicExport(run.export, config.export_every,
                                                       checkpoint, config.keep_exports,
                                                       config.export_iw_samples, log))
@@ -159,7 +159,8 @@ def plan(config: Config, arrays, streams, model, initial_epoch: int) -> list[str
 def train(config: Config, log=print) -> dict:
     """Trains (or resumes) the run in config.model_dir; returns the last epoch's logs.
 
-    A SavedModel goes to <model_dir>/export every `export_every` epochs and at the end.
+    A SavedModel goes to <model_dir>/export every `export_every` epochs and at the end (none
+    when it is -1).
     Sets the process's global seeds (Python, NumPy, TensorFlow, Keras) to config.seed.
     Raises data.DataError, rundir.RunError for bad input (before anything is written) and
     TrainingError when the loss turns NaN or inf.
@@ -293,8 +294,8 @@ def _train(config: Config, arrays, labelled, clusters: int, strategy, log,
                             "--learning_rate to start over")
     every = config.export_every
     # PeriodicExport has exported the last epoch when it is the first or a multiple of `every`.
-    exported = every and (config.epochs % every == 0 or config.epochs == 1)
-    if chief and initial_epoch < config.epochs and not exported:
+    exported = every > 0 and (config.epochs % every == 0 or config.epochs == 1)
+    if chief and initial_epoch < config.epochs and not exported and every >= 0:
         path = serving.export(model.float32_twin(), run.export, config.keep_exports,
                               config.export_iw_samples)
         log(f"exported {path}")

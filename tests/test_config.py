@@ -35,6 +35,7 @@ def test_one_width_means_two_layers_and_defaults_are_the_papers():
     ({"labelled_elbo": 1.0}, "--labelled_elbo .* give --labels"),
     ({"labelled_elbo": -1.0, "labels": 20}, "--labelled_elbo -1.0: must be 0 or more"),
     ({"steps_per_execution": 0}, "--steps_per_execution 0: must be at least 1"),
+    ({"export_every": -2}, "--export_every -2: give 0 or more, or -1 for no exports"),
 ])
 def test_bad_settings_are_one_line_errors(settings, message):
     with pytest.raises(ConfigError, match=message) as error:

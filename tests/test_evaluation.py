@@ -131,7 +131,8 @@ def tiny_npz(tmp_path_factory):
 
 def _tiny_flags(labels):
     return [f"--labels={labels}", "--hidden_lower=8", "--hidden_upper=8", "--z1_dim=2",
-            "--z2_dim=2", "--batch_size=100", "--epochs=1", "--eval_every=0", "--verbose=0"]
+            "--z2_dim=2", "--batch_size=100", "--epochs=1", "--eval_every=0", "--verbose=0",
+            "--export_every=-1"]
 
 
 @pytest.mark.e2e  # a whole training run or export
@@ -139,7 +140,7 @@ def test_evaluate_writes_results(tiny_npz, tmp_path):
     run = str(tmp_path / "run")
     config = {"dataset": tiny_npz, "model_dir": run, "epochs": 1,
               "labels": 6, "hidden_lower": [8, 8], "hidden_upper": [8, 8], "z1_dim": 2,
-              "z2_dim": 2, "eval_every": 0, "verbose": 0}
+              "z2_dim": 2, "eval_every": 0, "verbose": 0, "export_every": -1}
     training.train(Config(**config), log=lambda m: None)
     results = report.evaluate(run, iw_samples=(1, 10), subset=40, batch_size=20, progress=False,
                        log=lambda m: None)
@@ -213,7 +214,7 @@ def test_a_later_checkpoint_is_scored_anew_not_from_the_earlier_ones_bounds(tiny
     run = str(tmp_path / "run")
     config = {"dataset": tiny_npz, "model_dir": run, "epochs": 1, "labels": 6,
               "hidden_lower": [8], "hidden_upper": [8], "z1_dim": 2, "z2_dim": 2,
-              "eval_every": 0, "verbose": 0, "export_every": 0, "export_iw_samples": [10]}
+              "eval_every": 0, "verbose": 0, "export_every": -1}
     quiet = dict(iw_samples=(10,), subset=40, batch_size=20, progress=False, figures_too=False,
                  log=lambda m: None)
     training.train(Config(**config), log=lambda m: None)
@@ -232,8 +233,7 @@ def test_a_vae_run_trains_and_evaluates_with_cluster_use_but_no_classifier(tiny_
     run = str(tmp_path / "vae")
     config = Config(dataset=tiny_npz, model_dir=run, epochs=1, labels=0, clusters=1,
                     hidden_lower=[8], hidden_upper=[8], z1_dim=2, z2_dim=2, eval_every=1,
-                    eval_subset=40, eval_iw_samples=5, verbose=0, export_every=0,
-                    export_iw_samples=[10])
+                    eval_subset=40, eval_iw_samples=5, verbose=0, export_every=-1)
     training.train(config, log=lambda m: None)  # with a periodic evaluation
     results = report.evaluate(run, iw_samples=(5,), subset=40, batch_size=20, progress=False,
                               figures_too=False, log=lambda m: None)
@@ -250,7 +250,7 @@ def test_a_labelled_run_with_seeded_pseudo_labels_and_the_beta_schedule_trains_a
     config = Config(dataset=tiny_npz, model_dir=run, epochs=2, labels=6, pseudo_labels=1.0,
                     departure_epochs=1, beta=0.01, beta_start=0.1, beta_epochs=1,
                     hidden_lower=[8], hidden_upper=[8], z1_dim=2, z2_dim=2, eval_every=0,
-                    verbose=0, export_every=0, export_iw_samples=[10])
+                    verbose=0, export_every=-1)
     logs = training.train(config, log=lines.append)
     assert any("k-means seeded by the 6 labelled images" in line for line in lines)
     # After the schedule: the paper's alpha with beta 0.01 (300 images, 6 labelled).

@@ -20,7 +20,7 @@ from conftest import clustered_npz, tiny_cagem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(labels=6, hidden_lower=[8], hidden_upper=[8], z1_dim=2, z2_dim=2, batch_size=50,
-            eval_every=0, verbose=0, export_every=0)
+            eval_every=0, verbose=0, export_every=-1)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def _start(tiny_npz, run, epochs=200):
     """A real training process, slow enough to be caught mid-run."""
     args = [sys.executable, "train/main.py", f"--dataset={tiny_npz}", f"--model_dir={run}",
             f"--epochs={epochs}", "--labels=6", "--hidden_lower=64", "--hidden_upper=64",
-            "--batch_size=10", "--eval_every=0", "--export_every=0", "--verbose=0"]
+            "--batch_size=10", "--eval_every=0", "--export_every=-1", "--verbose=0"]
     return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
 

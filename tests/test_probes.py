@@ -89,7 +89,7 @@ def test_the_cascade_study_reports_the_run_s_own_errors_and_refuses_a_run_withou
         runs[name] = str(tmp_path / name)
         settings = {"dataset": npz, "model_dir": runs[name], "epochs": 1, "labels": labels,
                     "hidden_lower": [8], "hidden_upper": [8], "z1_dim": 2,
-                    "z2_dim": 2, "eval_every": 0, "verbose": 0}
+                    "z2_dim": 2, "eval_every": 0, "verbose": 0, "export_every": -1}
         training.train(Config(**settings), log=lambda m: None)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
 

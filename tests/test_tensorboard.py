@@ -30,7 +30,7 @@ def run(tmp_path_factory):
     config = Config(dataset=data, model_dir=str(folder / "run"), labels=6, epochs=EPOCHS,
                     hidden_lower=[8], hidden_upper=[8], z1_dim=3, z2_dim=2, batch_size=50,
                     eval_every=1, eval_subset=40, eval_iw_samples=5, warmup_epochs=1,
-                    verbose=0)
+                    export_every=-1, verbose=0)
     training.train(config, log=lambda m: None)
     return config.model_dir
 

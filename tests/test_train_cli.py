@@ -96,6 +96,7 @@ def test_labels_late_train_unsupervised_then_name_the_clusters_once_and_resume_p
     run = str(tmp_path / "run")
     late = [f"--dataset={tiny_npz}", f"--model_dir={run}", *TINY, "--eval_every=0",
             "--pseudo_labels=1", "--pseudo_kmeans=unsupervised", "--departure_epochs=1",
+            "--export_every=-1",
             "--beta=0.01", "--beta_start=0.1", "--beta_epochs=1"]
     result = run_cli(*late, "--epochs=2")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -118,6 +119,7 @@ def test_labels_late_train_unsupervised_then_name_the_clusters_once_and_resume_p
 def test_kill_and_resume_continues_the_epoch_count(tiny_npz, tmp_path):
     run = str(tmp_path / "run")
     args = [f"--dataset={tiny_npz}", f"--model_dir={run}", "--epochs=40", "--eval_every=0",
+            "--export_every=-1",
             *[a for a in TINY if not a.startswith("--eval_every")]]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train/main.py"), *args],
@@ -152,7 +154,8 @@ def test_changed_flag_on_resume_is_refused_and_fresh_keeps_the_old_run(tiny_npz,
     run = str(tmp_path / "run")
     config = {"dataset": tiny_npz, "model_dir": run, "epochs": 1,
               "labels": 6, "hidden_lower": [8, 8], "hidden_upper": [8, 8], "z1_dim": 2,
-              "z2_dim": 2, "batch_size": 100, "eval_every": 0, "verbose": 0}
+              "z2_dim": 2, "batch_size": 100, "eval_every": 0, "verbose": 0,
+              "export_every": -1}
     training.train(Config(**config), log=lambda m: None)
     before = open(os.path.join(run, "config.json")).read()
     with pytest.raises(rundir.RunError, match=r"--beta \(run: 0.1, now: 0.2\)") as error:
@@ -170,7 +173,7 @@ def test_changed_flag_on_resume_is_refused_and_fresh_keeps_the_old_run(tiny_npz,
 def test_one_seed_repeats_a_run_and_another_seed_does_not(tiny_npz, tmp_path):
     config = {"dataset": tiny_npz, "epochs": 1, "labels": 6, "hidden_lower": [8],
               "hidden_upper": [8], "z1_dim": 2, "z2_dim": 2, "batch_size": 100,
-              "eval_every": 0, "verbose": 0, "export_every": 0, "export_iw_samples": [10]}
+              "eval_every": 0, "verbose": 0, "export_every": -1}
     first, again, other = (
         training.train(Config(**config, seed=seed, model_dir=str(tmp_path / name)),
                        log=lambda m: None)
@@ -190,8 +193,7 @@ def test_a_run_repeats_whatever_loading_the_data_draws_from_the_global_generator
     the same seed. The seeds are now set after the data are loaded."""
     config = {"dataset": tiny_npz, "epochs": 1, "labels": 6, "hidden_lower": [8],
               "hidden_upper": [8], "z1_dim": 2, "z2_dim": 2, "batch_size": 100,
-              "eval_every": 0, "verbose": 0, "export_every": 0, "export_iw_samples": [10],
-              "seed": 3}
+              "eval_every": 0, "verbose": 0, "export_every": -1, "seed": 3}
     plain = training.train(Config(**config, model_dir=str(tmp_path / "plain")),
                            log=lambda m: None)
     load = data.load

@@ -359,11 +359,12 @@ def test_labels_seed_picks_the_labelled_subset_and_minus_one_means_the_runs_seed
     npz = clustered_npz(tmp_path / "tiny.npz", 6, 300, 30)
     y_train = np.arange(300) % 3   # clustered_npz's labels
     tiny = dict(dataset=npz, labels=6, hidden_lower=[8], hidden_upper=[8], z1_dim=2, z2_dim=2,
-                batch_size=50, epochs=1, eval_every=0, verbose=0, export_every=0)
+                batch_size=50, epochs=1, eval_every=0, verbose=0, export_every=-1)
 
     def subset(**seeds):
         run = str(tmp_path / "_".join(f"{k}{v}" for k, v in seeds.items()))
         training.train(Config(model_dir=run, **tiny, **seeds), log=lambda m: None)
+        assert not os.path.exists(os.path.join(run, "export"))  # --export_every -1: none
         return json.load(open(os.path.join(run, "labelled_indices.json")))
 
     chosen_by = {s: data.labelled_indices(y_train, 6, 3, seed=s).tolist() for s in (0, 3)}

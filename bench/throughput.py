@@ -14,7 +14,7 @@ from absl import app, flags
 from cagem_tf.benchmark import throughput
 
 flags.DEFINE_enum("suite", "full", ["full", "quick"], "full: every row of docs/performance.md; "
-                  "quick: a one-minute smoke run of each table.")
+                  "quick: a smoke run of each table at toy size (nine processes).")
 flags.DEFINE_list("only", [], f"Tables to run ({', '.join(throughput.HEADERS)}); default all.")
 flags.DEFINE_string("dataset", None, "Data for the pipeline measurement (a data.load name or "
                     "path); default: random MNIST-shaped arrays.")

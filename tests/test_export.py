@@ -344,6 +344,7 @@ def test_blocks_of_rows_give_each_row_its_own_value_and_compute_no_padding(n):
     np.testing.assert_array_equal(columns.numpy(), tf.reduce_sum(x, 1).numpy())
 
 
+@pytest.mark.e2e  # needs the module's export, which the end-to-end tests share
 def test_an_export_serves_batch_norm_folded_and_leaves_the_model_unfolded(model, exported):
     """The export holds the folded weights (computed once, not per call); the model it came
     from computes with its batch-norm layers again afterwards."""

@@ -14,9 +14,9 @@ XLA.
 
 Each measurement runs in a fresh subprocess (`python -m cagem_tf.benchmark.throughput ROW`), so
 that its peak resident memory (ru_maxrss) and its thread settings are its own; a train step with
-the same settings in two tables (train, optimizer, precision) is measured once. Timings exclude tracing (a
-first call is run and discarded) and are medians over windows, which keeps a passing stall of
-the machine out of the numbers.
+the same settings in two tables (train, optimizer, precision) is measured once. Timings exclude
+tracing (a first call is run and discarded) and are medians over windows, which keeps a passing
+stall of the machine out of the numbers.
 
 `settings`: suite ("full" or "quick"), only (tables), dataset, manual_dir, data_dir, steps,
 windows, iw_images, repeats: the flags of bench/throughput.py.
@@ -323,6 +323,7 @@ def measure_iw(spec):
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+# Tables whose rows measure another table's quantity (the train step).
 SAME_MEASUREMENT = {"precision": "train", "optimizer": "train"}
 
 

@@ -292,10 +292,10 @@ def _train(config: Config, arrays, labelled, clusters: int, strategy, log,
                             f"training stopped and the last good checkpoint is kept ({kept}); "
                             "rerun to resume from it, or add --fresh with a lower "
                             "--learning_rate to start over")
-    every = config.export_every
+    every = config.export_every  # -1: no exports; 0: only this one
     # PeriodicExport has exported the last epoch when it is the first or a multiple of `every`.
-    exported = every > 0 and (config.epochs % every == 0 or config.epochs == 1)
-    if chief and initial_epoch < config.epochs and not exported and every >= 0:
+    at_end = every == 0 or (every > 0 and config.epochs % every != 0 and config.epochs != 1)
+    if chief and initial_epoch < config.epochs and at_end:
         path = serving.export(model.float32_twin(), run.export, config.keep_exports,
                               config.export_iw_samples)
         log(f"exported {path}")

@@ -331,8 +331,8 @@ def child(payload):
     table, spec, settings = json.loads(payload)
     SETTINGS.update(settings)
     measure = {"pipeline": measure_pipeline, "matmul": measure_matmul, "train": measure_train,
-               "precision": measure_train, "optimizer": measure_train,
-               "images": measure_images, "versus": measure_versus, "iw": measure_iw}[table]
+               "images": measure_images, "versus": measure_versus,
+               "iw": measure_iw}[SAME_MEASUREMENT.get(table, table)]
     print("RESULT" + json.dumps(measure(spec)))
 
 
